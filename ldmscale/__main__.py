@@ -1,0 +1,5 @@
+import sys
+
+from ldmscale.launch.cli import main
+
+sys.exit(main())
