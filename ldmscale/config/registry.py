@@ -21,15 +21,17 @@ class Entry:
 class Registry:
     """Maps `kind` strings of one slot to their config dataclass and builder."""
 
-    def __init__(self, slot: str):
+    def __init__(self, slot: str, kind_field: bool = True):
+        """`kind_field=False` for slots whose kind is named by a sibling field (`polymorphic(kind_from=...)`)."""
         self.slot = slot
+        self.kind_field = kind_field
         self._entries: dict[str, Entry] = {}
 
     def register(self, kind: str, config_cls: type, factory: Callable[..., Any] | None = None) -> None:
         if kind in self._entries:
             raise KeyError(f"{self.slot} kind {kind!r} is registered twice")
         fields = {f.name: f for f in dataclasses.fields(config_cls)}
-        if "kind" not in fields or fields["kind"].default != kind:
+        if self.kind_field and ("kind" not in fields or fields["kind"].default != kind):
             raise TypeError(f"{config_cls.__name__} must declare `kind: str = {kind!r}`")
         self._entries[kind] = Entry(config_cls, factory)
 

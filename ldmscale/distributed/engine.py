@@ -88,6 +88,19 @@ class Engine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
 
+    def forward_for_manual_grads(self, *args: Any, **kwargs: Any) -> Any:
+        """A forward whose graph may also be differentiated with `torch.autograd.grad` before `backward_step`.
+
+        DeepSpeed's engine forward hooks its outputs so that any backward outside `engine.backward`
+        is refused at ZeRO-0 (and counted as the step's backward otherwise). The autoencoder's
+        adaptive GAN weight needs gradients at the decoder's last layer first, so this forward calls
+        the module itself, doing the one piece of bookkeeping the engine's forward does for ZeRO.
+        """
+        clear = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if clear is not None:
+            clear()
+        return self.engine.module(*args, **kwargs)
+
     def backward_step(self, loss: torch.Tensor) -> bool:
         """Backward and (at the accumulation boundary) optimizer step, unless any rank's loss is not finite.
 

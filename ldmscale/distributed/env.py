@@ -121,6 +121,19 @@ def all_reduce_sum(value: float) -> float:
     return float(tensor.item())
 
 
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Averages every logged scalar over ranks (one all-reduce); the keys are the same on all ranks."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in names], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        values = values.cuda()
+    dist.all_reduce(values)
+    return {k: float(v) / world for k, v in zip(names, values.tolist())}
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -67,6 +67,16 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from ldmscale.pipelines.quickstart import run_quickstart
+
+    report = run_quickstart(args.out, size=args.size)
+    print(f"quickstart done: report in {args.out}/report.md "
+          f"(autoencoder PSNR {report['autoencoder']['psnr']:.2f} dB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmscale", description="Latent diffusion training at cluster scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = with_config(sub.add_parser("info", help="parameter counts and per-GPU memory under ZeRO 0-3"))
     info.add_argument("--gpus", type=int, default=8, help="number of GPUs to plan for (default 8)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    quick = sub.add_parser("quickstart", help="the whole pipeline on one CPU on synthetic data")
+    quick.add_argument("--out", default="outputs/quickstart")
+    quick.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: the test-sized run")
 
     synth = sub.add_parser("synth", help="write the synthetic shapes dataset as webdataset shards")
     synth.add_argument("out")

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,7 +96,7 @@ def _start_wandb(run_dir: Path, project: str, mode: str, run_config: dict[str, A
 
     # One stable id per run directory, so a resumed run continues the same wandb run.
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(project=project, dir=str(run_dir), mode=mode, id=run_id, resume="allow",
                       config=run_config, name=run_dir.name, settings=wandb.Settings(silent=True))

@@ -68,6 +68,13 @@ class EMA:
                     avg.copy_(value)
         return decay
 
+    @torch.no_grad()
+    def copy_buffers(self, module: nn.Module) -> None:
+        """Takes the module's current buffers (statistics refreshed outside an update, e.g. before a save)."""
+        for name, value in module.named_buffers():
+            if name in self.shadow:
+                self.shadow[name].copy_(value)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 

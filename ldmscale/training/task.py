@@ -17,13 +17,14 @@ import torch.nn as nn
 from ldmscale.config.registry import Registry
 from ldmscale.distributed.engine import Engine
 from ldmscale.distributed.env import ProcessEnv
+from ldmscale.training.ema import EMA
 from ldmscale.training.optim import OptimConfig, build_lr_scheduler, build_optimizer
 
 if TYPE_CHECKING:
     from ldmscale.config.schema import RunConfig
 
 # kind -> (task config class, Task subclass); the run's `stage` selects the kind.
-TASKS = Registry("stage")
+TASKS = Registry("stage", kind_field=False)
 
 
 @dataclasses.dataclass
@@ -40,6 +41,9 @@ class Task(abc.ABC):
         self.penv = penv
         self.run_dir = run_dir
         self.engines: dict[str, Engine] = {}
+        # The trainer's EMA of each `ema_targets()` network (full weights on every rank), set by the
+        # Trainer once built; empty when EMA is off. Sample grids read the averaged weights from it.
+        self.emas: dict[str, EMA] = {}
 
     @classmethod
     @abc.abstractmethod

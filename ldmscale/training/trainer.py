@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from ldmscale.training.task import TASKS, Task
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGUSR2 is submitit's preemption / time-limit warning (`--signal=USR2@...`, see launch/slurm.py).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,6 +51,7 @@ class Trainer:
         self.images_dir = self.run_dir / "images"
         self.state = TrainState()
         self._stop_requested = False
+        self.stop_signal: int | None = None  # what stopped fit(): a launcher requeues only on its own signal
 
     def fit(self) -> str:
         """Trains to `train.max_steps`; returns "completed", or "stopped" after a stop signal."""
@@ -64,6 +67,7 @@ class Trainer:
         self.task: Task = TASKS.entry(cfg.stage).factory(cfg, penv=penv, run_dir=self.run_dir)
         self.emas = {name: EMA(module, cfg.ema) for name, module in self.task.ema_targets().items()} \
             if cfg.ema.enabled else {}
+        self.task.emas = self.emas
         self.loader = DATA_SOURCES.build(cfg.data, batch_size=cfg.train.micro_batch_size, rank=penv.rank,
                                          world_size=penv.world_size, seed=cfg.seed)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, penv)
@@ -87,6 +91,7 @@ class Trainer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.warning("received signal %d: checkpointing at the next step boundary, then stopping", signum)
         self._stop_requested = True
+        self.stop_signal = signum
 
     def _loop(self) -> str:
         cfg, state = self.cfg, self.state
@@ -102,6 +107,8 @@ class Trainer:
                 self._guard_nonfinite(out)
                 for k, v in out.items():
                     logs[k].append(float(v))
+                # A fingerprint of the batch's sample keys: resumption must replay the same data.
+                logs["data_crc"].append(float(zlib.crc32("\n".join(batch["key"]).encode())))
                 window_samples += len(batch["key"])
             state.step += 1
             progress.update(1)
@@ -143,7 +150,7 @@ class Trainer:
         now = time.perf_counter()
         samples = dist_env.all_reduce_sum(window_samples)
         self.state.samples_seen += int(samples)
-        metrics = {k: sum(v) / len(v) for k, v in logs.items()}
+        metrics = dist_env.mean_over_ranks({k: sum(v) / len(v) for k, v in logs.items()})
         metrics.update(samples_per_sec=samples / max(now - window_start, 1e-9),
                        samples_seen=self.state.samples_seen,
                        peak_memory_mb=dist_env.all_reduce_max(peak_memory_mb(self.penv.device)),
@@ -177,6 +184,9 @@ class Trainer:
 
     def _save(self) -> None:
         self.task.before_save(self.state.step)
+        targets = self.task.ema_targets()
+        for name, ema in self.emas.items():
+            ema.copy_buffers(targets[name])
 
         def write(directory: Path) -> None:
             for name, engine in self.task.engines.items():

@@ -18,7 +18,9 @@ import torch.nn as nn
 
 from ldmscale.data.shards import DATA_SOURCES
 from ldmscale.distributed import env as dist_env
-from ldmscale.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig, build_discriminator
+from ldmscale.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
+from ldmscale.losses.discriminator import NLayerDiscriminator
+from ldmscale.losses.lpips import LPIPS
 from ldmscale.losses.metrics import psnr, ssim
 from ldmscale.models.autoencoder import Autoencoder, AutoencoderConfig
 from ldmscale.observability.images import save_rows
@@ -47,16 +49,19 @@ class AutoencoderTask(Task):
     @classmethod
     def build_components(cls, cfg) -> dict[str, Component]:
         task: AutoencoderTaskConfig = cfg.task
-        return {"autoencoder": Component(Autoencoder(task.model), trainable=True),
-                "discriminator": Component(build_discriminator(task.loss.discriminator), trainable=True),
-                "lpips": Component(AutoencoderLoss(task.loss).lpips, trainable=False)}
+        components = {"autoencoder": Component(Autoencoder(task.model), trainable=True),
+                      "discriminator": Component(NLayerDiscriminator(task.loss.discriminator), trainable=True)}
+        if task.loss.perceptual_weight > 0:
+            components["lpips"] = Component(LPIPS(dataclasses.replace(task.loss.lpips, pretrained=False)),
+                                            trainable=False)
+        return components
 
     def __init__(self, cfg, *, penv, run_dir: Path):
         super().__init__(cfg, penv=penv, run_dir=run_dir)
         task: AutoencoderTaskConfig = cfg.task
         self.task_cfg = task
         self.generator = self.make_engine("autoencoder", Autoencoder(task.model), cfg.optim)
-        self.discriminator = self.make_engine("discriminator", build_discriminator(task.loss.discriminator),
+        self.discriminator = self.make_engine("discriminator", NLayerDiscriminator(task.loss.discriminator),
                                               task.disc_optim)
         self.loss = AutoencoderLoss(task.loss).to(self.generator.device).eval()
         self.scale_factor = 1.0
@@ -73,7 +78,7 @@ class AutoencoderTask(Task):
         self.recent_images.append(batch["image"][: self.task_cfg.image_rows])
         gen, disc = self.generator, self.discriminator
         set_requires_grad(disc.module, False)
-        reconstruction, reg_out = gen(x)
+        reconstruction, reg_out = gen.forward_for_manual_grads(x)
         g_loss, logs = self.loss.generator_loss(x.float(), reconstruction.float(), reg_out, step,
                                                 last_layer=gen.module.last_layer, discriminator=disc.module)
         set_requires_grad(disc.module, True)
@@ -83,6 +88,7 @@ class AutoencoderTask(Task):
             d_loss, d_logs = self.loss.discriminator_loss(x.detach().float(), reconstruction.detach().float(),
                                                           step, disc.module)
             disc.backward_step(d_loss)
+            d_logs["d_total"] = d_logs.pop("loss")
             logs.update(d_logs)
         return {k: float(v) for k, v in logs.items()}
 
@@ -97,10 +103,10 @@ class AutoencoderTask(Task):
         """A fresh single pass over the held-out shards: the same samples at every validation."""
         if not self.cfg.data.validation_shards:
             return None
-        val_cfg = dataclasses.replace(self.cfg.data, shards=self.cfg.data.validation_shards, shuffle=False,
-                                      flip=False, crop="center", num_workers=0)
+        val_cfg = dataclasses.replace(self.cfg.data, shuffle=False, flip=False, crop="center", num_workers=0)
         return DATA_SOURCES.build(val_cfg, batch_size=self.cfg.train.micro_batch_size, rank=self.penv.rank,
-                                  world_size=self.penv.world_size, seed=self.cfg.seed, epochs=1)
+                                  world_size=self.penv.world_size, seed=self.cfg.seed, epochs=1,
+                                  split="validation")
 
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
@@ -108,6 +114,7 @@ class AutoencoderTask(Task):
         loader = self._validation_loader()
         if loader is None:
             return {}
+        lpips = self.loss.lpips
         totals = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, lpips sums, count
         batches = iter(loader)
         for _ in range(self.task_cfg.validation_batches):
@@ -122,17 +129,20 @@ class AutoencoderTask(Task):
                 continue
             x, reconstruction = x.float(), reconstruction.float().clamp(-1, 1)
             totals += torch.tensor([psnr(reconstruction, x).sum().item(), ssim(reconstruction, x).sum().item(),
-                                    self.loss.lpips(reconstruction, x).sum().item(), x.shape[0]],
-                                   dtype=torch.float64)
+                                    lpips(reconstruction, x).sum().item() if lpips is not None else 0.0,
+                                    x.shape[0]], dtype=torch.float64)
         sums = [dist_env.all_reduce_sum(float(v)) for v in totals]
         count = max(sums[3], 1.0)
-        return {"psnr": sums[0] / count, "ssim": sums[1] / count, "lpips": sums[2] / count,
-                "samples": sums[3]}
+        metrics = {"psnr": sums[0] / count, "ssim": sums[1] / count, "samples": sums[3]}
+        if lpips is not None:
+            metrics["lpips"] = sums[2] / count
+        return metrics
 
     @torch.no_grad()
     def before_save(self, step: int) -> None:
         if self.task_cfg.scale_by_std and self.recent_images:
             self.scale_factor = self.estimate_scale_factor(step)
+            self.generator.module.set_scale_factor(self.scale_factor)
 
     def estimate_scale_factor(self, step: int) -> float:
         """1 / std of the latents over the recent batches, over all ranks (LDM's `scale_by_std`)."""
@@ -140,7 +150,8 @@ class AutoencoderTask(Task):
         total = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
         for images in self.recent_images:
             x = images.to(self.generator.device, self.generator.dtype)
-            z = self.generator.module.encode_latent(x, generator=generator).double().cpu()
+            module = self.generator.module
+            z = (module.encode_to_latent(x, sample=True, generator=generator) / module.scale_factor).double().cpu()
             total += torch.tensor([z.sum().item(), (z * z).sum().item(), z.numel()], dtype=torch.float64)
         s, sq, n = (dist_env.all_reduce_sum(float(v)) for v in total)
         variance = sq / n - (s / n) ** 2

@@ -1,0 +1,75 @@
+"""Launching real `ldmscale` processes: one process, or several ranks under torchrun (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ldmscale.distributed.env import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG_AE = str(ROOT / "configs" / "debug" / "autoencoder.yaml")
+
+
+def process_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def command(args: list[str], nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "ldmscale", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "ldmscale", *args]
+
+
+def run(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(args, nproc), env=process_env(), capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ldmscale {' '.join(args)} exited {result.returncode}\n{result.stderr[-6000:]}")
+    return result
+
+
+def start(args: list[str], nproc: int = 1, log_path: Path | None = None) -> subprocess.Popen:
+    """Starts in a new process group, so the whole job (launcher and ranks) can be killed at once."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(command(args, nproc), env=process_env(), stdout=out, stderr=subprocess.STDOUT,
+                            cwd=ROOT, start_new_session=True)
+
+
+def kill_job(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before the awaited condition")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(poll)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Training records of metrics.jsonl by step (validation records are merged in)."""
+    records: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records.setdefault(record["step"], {}).update(record)
+    return records
+
+
+def committed(run_dir: Path, step: int) -> bool:
+    return (run_dir / "checkpoints" / f"step-{step:08d}" / "COMMITTED").is_file()
