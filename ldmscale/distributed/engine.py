@@ -61,7 +61,11 @@ class Engine:
                  grad_clip: float, world_size: int):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+            raise ValueError(f"distributed.precision: fp16 is not supported by DeepSpeed's "
+                             f"{get_accelerator().device_name()} accelerator; use bf16 or fp32 here")
         self.name = name
         self.cfg = cfg
         ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 
 import pytest
@@ -52,9 +53,11 @@ def test_zero_stages_give_the_same_losses_and_ema(tmp_path, synth_shards):
 
 
 def test_exact_resume_after_sigkill(tmp_path, synth_shards):
-    """2 ranks, ZeRO-2, generator + discriminator: kill -9 after the step-10 checkpoint, rerun the same
-    command; steps 11-20 (losses and the data they saw) equal the uninterrupted run's exactly."""
-    common = ("distributed.zero_stage=2", "train.max_steps=20", "checkpoint.every_steps=10", "data.num_workers=2")
+    """2 ranks, ZeRO-2, generator + discriminator, 2 data workers, gradient accumulation over 2 micro-batches:
+    kill -9 after the step-10 checkpoint, rerun the same command; steps 11-20 (losses and the data they
+    saw) equal the uninterrupted run's exactly."""
+    common = ("distributed.zero_stage=2", "train.max_steps=20", "checkpoint.every_steps=10", "data.num_workers=2",
+              "train.grad_accum=2", "train.micro_batch_size=2")
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     run(_args(reference_dir, synth_shards, *common), nproc=2)
     reference = metrics(reference_dir)
@@ -98,3 +101,12 @@ def test_divergence_is_skipped_then_aborts(tmp_path, synth_shards):
     assert result.returncode != 0
     assert "non-finite losses in a row" in result.stderr
     assert "micro-step skipped" in result.stderr
+
+
+def test_bf16_trains_and_fp16_on_cpu_is_refused_clearly(tmp_path, synth_shards):
+    run(_args(tmp_path / "bf16", synth_shards, "distributed.precision=bf16", "train.max_steps=3"))
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "bf16").values())
+    result = run(_args(tmp_path / "fp16", synth_shards, "distributed.precision=fp16", "train.max_steps=3"),
+                 check=False)
+    assert result.returncode == 2
+    assert "distributed.precision: fp16 is not supported by DeepSpeed's cpu accelerator" in result.stderr
