@@ -187,8 +187,25 @@ def load_yaml_with_overrides(path: str | os.PathLike | None, overrides: list[str
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0]]
     if bad:
         raise ConfigError([f"override {o!r}: expected key.sub=value" for o in bad])
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+    updates = OmegaConf.from_dotlist(list(overrides))
+    base = OmegaConf.to_container(base, resolve=False)
+    _drop_nodes_whose_kind_changes(base, OmegaConf.to_container(updates, resolve=False))
+    merged = OmegaConf.merge(OmegaConf.create(base), updates)
     return OmegaConf.to_container(merged, resolve=True)
+
+
+def _drop_nodes_whose_kind_changes(base: Any, updates: Any) -> None:
+    """An override that switches a node's `kind` replaces that node instead of merging into it:
+    the old kind's keys would otherwise be rejected as unknown keys of the new kind."""
+    if not isinstance(base, dict) or not isinstance(updates, dict):
+        return
+    for key, value in updates.items():
+        node = base.get(key)
+        if isinstance(node, dict) and isinstance(value, dict):
+            if "kind" in value and node.get("kind", value["kind"]) != value["kind"]:
+                base[key] = {}
+            else:
+                _drop_nodes_whose_kind_changes(node, value)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:

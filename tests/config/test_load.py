@@ -96,3 +96,14 @@ def test_validate_rules_carry_the_key_prefix():
 def test_malformed_override_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="expected key.sub=value"):
         load_config(Outer, None, ["name"])
+
+
+def test_override_switching_kind_replaces_the_node(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nshape:\n  kind: circle\n  radius: 3.0\n")
+    cfg = load_config(Outer, path, ["shape.kind=box", "shape.sides=[5]"])
+    assert cfg.shape == BoxConfig(sides=[5])
+    # The same kind merges as usual, and a typo under it is still reported.
+    assert load_config(Outer, path, ["shape.kind=circle"]).shape == CircleConfig(radius=3.0)
+    with pytest.raises(ValueError, match="shape.radius: unknown key"):
+        load_config(Outer, path, ["shape.kind=box", "shape.radius=2"])
