@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -65,7 +66,10 @@ def torch_load_weights_only(path: str | os.PathLike, allowed: Iterable[type] = (
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError carries torch's explanation of the offending global
+    except pickle.UnpicklingError as e:  # torch names the offending global in its message
         first_line = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         raise ValueError(f"refusing to load {path}: it asks to run code outside the allow-list of safe "
                          f"types ({first_line})") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"cannot load {path}: the file is truncated or corrupt ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e

@@ -72,3 +72,11 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="refusing to load"):
         torch_load_weights_only(path)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_truncated_file_is_reported_as_such(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save({"w": torch.randn(64, 64)}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        torch_load_weights_only(path)
