@@ -254,11 +254,20 @@ def build_image_loader(cfg: ImageDataConfig, *, batch_size: int, rank: int, worl
         seed=seed, epochs=epochs if train or epochs is not None else 1, resolution=cfg.resolution,
         crop=cfg.crop if train else "center", flip=cfg.flip and train, shuffle=cfg.shuffle and train,
         shuffle_buffer=cfg.shuffle_buffer, on_error=cfg.on_error)
+    return make_loader(spec)
+
+
+def make_loader(spec: StreamSpec) -> ResumableLoader:
+    """The loader of `spec`, warning when there are fewer shards than reading slots (shared by the data kinds)."""
     if spec.splits_samples:
         log.warning("data: %d shard(s) for %d rank(s) x %d worker(s) = %d slots; every worker reads every shard and "
                     "keeps one sample in %d. Write more, smaller shards to avoid the extra reading.",
-                    len(shards), world_size, spec.workers, spec.slots, spec.slots)
+                    len(spec.shards), spec.world_size, spec.workers, spec.slots, spec.slots)
     return ResumableLoader(spec)
 
 
 DATA_SOURCES.register("images", ImageDataConfig, build_image_loader)
+
+# data.kind=latents registers itself; imported here, after DATA_SOURCES exists, so every user of the
+# registry sees both kinds (latents imports this module).
+import ldmscale.data.latents  # noqa: E402,F401

@@ -25,7 +25,7 @@ import itertools
 import json
 import logging
 import random
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -59,6 +59,10 @@ class StreamSpec:
     shuffle: bool
     shuffle_buffer: int
     on_error: Literal["skip", "fail"]
+    # Raw sample -> item (None if corrupt) and items -> batch; module-level functions, so they pickle.
+    # None: the image pipeline's `decode_sample` and `collate` (data.kind=latents has its own).
+    decode: Callable[[dict, "StreamSpec", int, "ErrorTracker"], dict | None] | None = None
+    collate: Callable[[list[dict]], dict] | None = None
 
     @property
     def workers(self) -> int:
@@ -216,23 +220,33 @@ def decode_sample(sample: dict, spec: StreamSpec, epoch: int, tracker: ErrorTrac
                              f"{', '.join(k for k in sample if not k.startswith('__'))}")
         image = image_transform(sample[ext], resolution=spec.resolution, crop=spec.crop, flip=spec.flip,
                                 seed=spec.seed, epoch=epoch, key=key)  # [3, R, R]
-        label = int(sample["cls"].decode("ascii")) if "cls" in sample else -1
-        caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
-        attributes = [float(a) for a in json.loads(sample["json"]).get("attributes", [])] if "json" in sample else []
+        fields = decode_fields(sample)
     except Exception as e:  # PIL and the parsers raise many types; all mean "this sample is unusable"
         tracker.problem("corrupt_sample", url, key, e)
         return None
-    return {"image": image, "caption": caption, "label": label, "attributes": attributes, "key": key}
+    return {"image": image, **fields, "key": key}
+
+
+def decode_fields(sample: dict) -> dict:
+    """The optional caption (txt), label (cls) and attributes (json) of a raw sample; raises if malformed."""
+    return {"caption": sample["txt"].decode("utf-8") if "txt" in sample else "",
+            "label": int(sample["cls"].decode("ascii")) if "cls" in sample else -1,
+            "attributes": [float(a) for a in json.loads(sample["json"]).get("attributes", [])]
+            if "json" in sample else []}
 
 
 def collate(items: list[dict]) -> dict:
     """Decoded samples -> the batch dict yielded by `ResumableLoader`."""
+    return {"image": torch.stack([item["image"] for item in items]), **collate_fields(items)}  # [B, 3, R, R]
+
+
+def collate_fields(items: list[dict]) -> dict:
+    """The caption, label, attributes and key entries of a batch (shared by image and latent batches)."""
     lengths = {len(item["attributes"]) for item in items}
     if len(lengths) > 1:
         raise ValueError(f"samples {', '.join(i['key'] for i in items)} have attribute vectors of different "
                          f"lengths {sorted(lengths)}; every sample's json 'attributes' must have the same length")
     return {
-        "image": torch.stack([item["image"] for item in items]),  # [B, 3, R, R]
         "caption": [item["caption"] for item in items],
         "label": torch.tensor([item["label"] for item in items], dtype=torch.long),  # [B]
         "attributes": torch.tensor([item["attributes"] for item in items],
@@ -279,16 +293,17 @@ class ShardStream(IterableDataset):
             return {"worker": worker, "epoch": epoch, "consumed": consumed, "errors": dict(tracker.counts),
                     "batch": batch}
 
+        decode, make_batch = spec.decode or decode_sample, spec.collate or collate
         items: list[dict] = []
         for sample in samples:
             consumed += 1
-            item = decode_sample(sample, spec, epoch, tracker)
+            item = decode(sample, spec, epoch, tracker)
             if item is None:
                 continue
             items.append(item)
             if len(items) == spec.batch_size:
-                yield message(collate(items))
+                yield message(make_batch(items))
                 items = []
         if items:
-            yield message(collate(items))  # the partial last batch is kept, not dropped
+            yield message(make_batch(items))  # the partial last batch is kept, not dropped
         yield message(None)

@@ -40,6 +40,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    from ldmscale.pipelines.cache_latents import cache_latents, load_cache_config
+
+    summary = cache_latents(load_cache_config(args.config, args.overrides))
+    print(f"wrote {summary['written']} shard(s) ({summary['samples']} samples), {summary['skipped_shards']} already "
+          f"complete; {'set complete' if summary['complete'] else 'set not complete yet'}")
+    return 0
+
+
+@command
 def cmd_info(args: argparse.Namespace) -> int:
     from ldmscale.launch.info import info_command
 
@@ -77,6 +87,23 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ldmscale.pipelines.sample import sample_to_png
+
+    path = sample_to_png(args.checkpoint, args.out, prompt=args.prompt, class_label=args.class_label, num=args.num,
+                         steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed, device=args.device)
+    print(f"wrote {args.num} samples to {path}")
+    return 0
+
+
+@command
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ldmscale.convert.commands import run_action
+
+    print(f"wrote {run_action(args)}")
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmscale", description="Latent diffusion training at cluster scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config(sub.add_parser("train", help="train any stage (multi-rank under torchrun / deepspeed / srun)"))
+    with_config(sub.add_parser("cache-latents", help="encode image shards once into latent shards (one rank or "
+                               "Slurm array task per shard range; rerun to finish)"))
     info = with_config(sub.add_parser("info", help="parameter counts and per-GPU memory under ZeRO 0-3"))
     info.add_argument("--gpus", type=int, default=8, help="number of GPUs to plan for (default 8)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -94,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="the whole pipeline on one CPU on synthetic data")
     quick.add_argument("--out", default="outputs/quickstart")
     quick.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: the test-sized run")
+
+    sample = sub.add_parser("sample", help="a PNG grid from a latent diffusion export (DDIM + CFG)")
+    sample.add_argument("checkpoint", help="an LDM export, or a run directory (then its export/ldm.safetensors)")
+    what = sample.add_mutually_exclusive_group()
+    what.add_argument("--prompt", help="text prompt (text-conditional models)")
+    what.add_argument("--class", dest="class_label", type=int, metavar="K", help="class id (class-conditional models)")
+    sample.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 disables")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    sample.add_argument("--out", required=True, help="output PNG")
 
     synth = sub.add_parser("synth", help="write the synthetic shapes dataset as webdataset shards")
     synth.add_argument("out")
@@ -107,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("out")
     shards.add_argument("--resolution", type=int, default=None)
     shards.add_argument("--samples-per-shard", type=int, default=1000)
+
+    from ldmscale.convert.commands import add_convert_arguments  # light: argparse only
+
+    add_convert_arguments(sub.add_parser(
+        "convert", help="checkpoints: DeepSpeed shards -> safetensors; ldmscale <-> original SD file <-> diffusers"))
     return parser
 
 
