@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -98,6 +99,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ldmscale.launch import slurm
+
+    fields = [f.name for f in dataclasses.fields(slurm.SlurmConfig)]  # the options carry the fields' names
+    cfg = slurm.SlurmConfig(**{name: getattr(args, name) for name in fields})
+    sub = slurm.prepare(cfg, args.config, args.overrides, verb=args.verb)
+    if args.dry_run:
+        print(f"# {slurm.describe(sub)}")
+        print(f"# run dir {sub.run_dir}; submitit folder and per-task logs {sub.folder}")
+        print("# ---- sbatch script ----")
+        print(slurm.sbatch_script(sub))
+        print("# ---- environment of every task (the exports above, as submitted from this shell) ----")
+        for key, value in slurm.job_environment(sub).items():
+            print(f"{key}={value}")
+        return 0
+    jobs = slurm.submit(sub)
+    job_id = jobs[0].job_id.split("_")[0]
+    print(f"submitted job {job_id} ({slurm.describe(sub)})")
+    logs = str(sub.folder).replace("%j", job_id if len(jobs) == 1 else f"{job_id}_*")
+    print(f"  run dir: {sub.run_dir}\n  logs:    {logs}/*_log.{{out,err}} (one pair per task)\n"
+          f"  cancel:  scancel {job_id}", flush=True)
+    if not args.wait:
+        return 0
+    results = slurm.wait(jobs)
+    for result in results:
+        print(f"job ended: {result}")
+    return 0 if all(r["status"] == "completed" for r in results) else 1
+
+
+@command
 def cmd_convert(args: argparse.Namespace) -> int:
     from ldmscale.convert.commands import run_action
 
@@ -149,7 +180,40 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("out")
     shards.add_argument("--resolution", type=int, default=None)
     shards.add_argument("--samples-per-shard", type=int, default=1000)
+    from ldmscale.launch.slurm import VERBS, SlurmConfig  # light: stdlib + submitit
 
+    slurm_defaults = SlurmConfig()
+    submit = with_config(sub.add_parser(
+        "submit", help="run as a Slurm job through submitit (one task per GPU; requeued on time limit / preemption)",
+        description="Give the overrides right after CONFIG, before the options."))
+    submit.add_argument("--nodes", type=int, default=slurm_defaults.nodes)
+    submit.add_argument("--gpus-per-node", type=int, default=slurm_defaults.gpus_per_node,
+                        help="one task per GPU (default %(default)s); 0: a CPU job on gloo")
+    submit.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node when --gpus-per-node 0")
+    submit.add_argument("--cpus-per-task", type=int, default=None, help="data workers + 1 is a good start")
+    submit.add_argument("--mem", default=None, help="sbatch --mem per node, e.g. 480G; 0 = all of it")
+    submit.add_argument("--time", type=int, default=slurm_defaults.time, help="minutes (default %(default)s)")
+    submit.add_argument("--partition", default=None)
+    submit.add_argument("--account", default=None)
+    submit.add_argument("--qos", default=None)
+    submit.add_argument("--constraint", default=None)
+    submit.add_argument("--job-name", default=None, help="default ldmscale-VERB-<run dir name>")
+    submit.add_argument("--gres", action="store_true", help="ask for GPUs as --gres=gpu:G (older clusters)")
+    submit.add_argument("--signal-delay", type=int, default=slurm_defaults.signal_delay,
+                        help="seconds before the time limit at which USR2 makes the job checkpoint and requeue "
+                             "(default %(default)s)")
+    submit.add_argument("--max-requeues", type=int, default=slurm_defaults.max_requeues,
+                        help="restarts after time limits and preemptions, in all (default %(default)s)")
+    submit.add_argument("--verb", default="train", help=f"one of {', '.join(VERBS)} (default %(default)s)")
+    submit.add_argument("--array", type=int, default=None, help="cache-latents: number of array tasks")
+    submit.add_argument("--array-parallelism", type=int, default=None, help="array tasks running at once")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="export in every task (wins over the NCCL/OMP defaults); repeatable")
+    submit.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
+                        help="any other sbatch option, e.g. reservation=big or exclusive; repeatable")
+    submit.add_argument("--logs", default=None, help="submitit folder and per-task logs (default RUN_DIR/slurm)")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script and environment only")
+    submit.add_argument("--wait", action="store_true", help="block until the job ends, requeues included")
     from ldmscale.convert.commands import add_convert_arguments  # light: argparse only
 
     add_convert_arguments(sub.add_parser(
