@@ -14,6 +14,9 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
+# DeepSpeed JIT-builds a small op; a build folder per checkout keeps two checkouts from rebuilding it in turn.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+
 test: $(STAMP)
 	DS_ACCELERATOR=cpu WANDB_MODE=offline $(BIN)/python -m pytest -q tests
 

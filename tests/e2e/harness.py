@@ -48,8 +48,22 @@ def start(args: list[str], nproc: int = 1, log_path: Path | None = None) -> subp
 
 
 def kill_job(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    os.killpg(proc.pid, sig)
+    """Signals the launcher and every process below it: torchrun starts its ranks in sessions of their
+    own, so a process-group kill alone would leave them running (and writing) as orphans."""
+    import psutil
+
+    family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=60)
+    for pid in family[1:]:
+        try:
+            psutil.Process(pid).wait(timeout=60)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.02) -> None:
