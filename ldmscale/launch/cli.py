@@ -135,6 +135,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"wrote {run_action(args)}")
     return 0
 
+@command
+def cmd_pdae(args: argparse.Namespace) -> int:
+    from ldmscale.pipelines import pdae
+
+    if args.action != "probe" and not args.out:
+        raise ValueError(f"--out: required for pdae {args.action} (the output PNG)")
+    steps = dict(encode_steps=args.encode_steps, decode_steps=args.decode_steps, device=args.device)
+    if args.action == "reconstruct":
+        path, mse = pdae.reconstruct_to_png(args.checkpoint, args.input, args.out, num=args.num, **steps)
+        print(f"wrote {path} (inputs over reconstructions; pixel MSE {mse:.5f})")
+    elif args.action == "interpolate":
+        path = pdae.interpolate_to_png(args.checkpoint, args.input, args.out, pairs=args.pairs, num=args.num, **steps)
+        print(f"wrote {path}")
+    elif args.action == "edit":
+        path = pdae.edit_to_png(args.checkpoint, args.input, args.out, attribute=args.attribute, scales=args.scales,
+                                num=args.num, **steps)
+        print(f"wrote {path} (one row per image, one column per scale)")
+    else:
+        report = pdae.probe(args.checkpoint, args.input, held_out=args.held_out, device=args.device)
+        for name, r in report.items():
+            print(f"{name:16s} accuracy {r['accuracy']:.3f}  majority baseline {r['baseline']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmscale", description="Latent diffusion training at cluster scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -167,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     sample.add_argument("--out", required=True, help="output PNG")
+
+    pdae_parser = sub.add_parser("pdae", help="PDAE: reconstruct, interpolate, edit (PNG grids) or probe z")
+    pdae_parser.add_argument("action", choices=["reconstruct", "interpolate", "edit", "probe"])
+    pdae_parser.add_argument("checkpoint", help="a PDAE export, or a run directory (then its export/pdae.safetensors)")
+    pdae_parser.add_argument("--input", required=True, help="shards (a folder of tars or a brace pattern), an image, "
+                             "or a folder of images; edit and probe need shards with attributes")
+    pdae_parser.add_argument("--out", help="output PNG (all actions but probe)")
+    pdae_parser.add_argument("--num", type=int, default=8, help="images (reconstruct, edit) or images per row "
+                             "(interpolate)")
+    pdae_parser.add_argument("--pairs", type=int, default=2, help="interpolate: number of input pairs")
+    pdae_parser.add_argument("--attribute", default="is_circle", help="edit: attribute name or column")
+    pdae_parser.add_argument("--scales", type=float, nargs="+", default=[-0.3, -0.1, 0.0, 0.1, 0.3],
+                             help="edit: steps along the attribute direction (standardised z units / sqrt(d))")
+    pdae_parser.add_argument("--held-out", type=float, default=0.25, help="probe: held-out fraction (the last inputs)")
+    pdae_parser.add_argument("--encode-steps", type=int, default=100, help="shifted DDIM inversion steps")
+    pdae_parser.add_argument("--decode-steps", type=int, default=100, help="shifted DDIM decoding steps")
+    pdae_parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
     synth = sub.add_parser("synth", help="write the synthetic shapes dataset as webdataset shards")
     synth.add_argument("out")

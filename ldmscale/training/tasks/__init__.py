@@ -2,3 +2,4 @@
 
 from ldmscale.training.tasks import autoencoder  # noqa: F401
 from ldmscale.training.tasks import latent_diffusion  # noqa: F401
+from ldmscale.training.tasks import pdae  # noqa: F401
