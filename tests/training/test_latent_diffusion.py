@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -35,22 +34,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """A one-process gloo group: DeepSpeed engines need torch.distributed."""
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                                            "DS_ACCELERATOR")}
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    dist_env.init_process_group(dist_env.ProcessEnv(master_port=dist_env.free_port()), "gloo")
-    yield
-    dist_env.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def write_autoencoder_export(path: Path, meta_scale: float, buffer_scale: float) -> Path:

@@ -4,7 +4,6 @@ claim (the learned mean shift cuts the x0 error at mid-range t) and a linear pro
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,22 +38,6 @@ def single_thread():
     yield
     torch.set_flush_denormal(False)
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """A one-process gloo group: DeepSpeed engines need torch.distributed."""
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                                            "DS_ACCELERATOR")}
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    dist_env.init_process_group(dist_env.ProcessEnv(master_port=dist_env.free_port()), "gloo")
-    yield
-    dist_env.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
