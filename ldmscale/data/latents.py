@@ -33,7 +33,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from webdataset import TarWriter
 
-from ldmscale.data.shards import DATA_SOURCES, ResumableLoader, make_loader
+from ldmscale.data.shards import DATA_SOURCES, ResumableLoader, make_loader, stream_problems
 from ldmscale.data.stream import ErrorTracker, StreamSpec, collate_fields, decode_fields
 from ldmscale.data.transforms import augment_rng
 
@@ -59,14 +59,7 @@ class LatentDataConfig:
     on_error: Literal["skip", "fail"] = "skip"
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.resolution < 1:
-            problems.append(f"resolution: must be >= 1, got {self.resolution}")
-        if self.shuffle_buffer < 1:
-            problems.append(f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        return problems
+        return stream_problems(self)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -38,6 +38,18 @@ DATA_SOURCES = Registry("data")
 STATE_VERSION = 1
 
 
+def stream_problems(cfg) -> list[str]:
+    """The checks every shard-reading data config shares (images and cached latents)."""
+    problems = []
+    if cfg.resolution < 1:
+        problems.append(f"resolution: must be >= 1, got {cfg.resolution}")
+    if cfg.shuffle_buffer < 1:
+        problems.append(f"shuffle_buffer: must be >= 1, got {cfg.shuffle_buffer}")
+    if cfg.num_workers < 0:
+        problems.append(f"num_workers: must be >= 0, got {cfg.num_workers}")
+    return problems
+
+
 @dataclasses.dataclass
 class ImageDataConfig:
     """Image shards (webdataset tars with png|jpg|jpeg|webp and optional txt, cls, json)."""
@@ -54,14 +66,7 @@ class ImageDataConfig:
     validation_shards: str = ""  # held-out shards, same format (may be empty)
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.resolution < 1:
-            problems.append(f"resolution: must be >= 1, got {self.resolution}")
-        if self.shuffle_buffer < 1:
-            problems.append(f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        return problems
+        return stream_problems(self)
 
 
 def resolve_shards(spec: str, key: str = "data.shards") -> list[str]:
