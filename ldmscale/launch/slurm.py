@@ -314,6 +314,10 @@ class _RequeueingJob(Checkpointable):
         return DelayedSubmission(self, *args, **kwargs)
 
 
+def _ignore_late_warning(signum: int, frame: Any) -> None:
+    log.warning("signal %d after the run completed: nothing to checkpoint, not requeueing", signum)
+
+
 class TrainJob(_RequeueingJob):
     """`ldmscale train` in one Slurm task (every task of the job runs one)."""
 
@@ -332,6 +336,10 @@ class TrainJob(_RequeueingJob):
         penv = slurm_process_env()
         trainer = Trainer(config_from_dict(RunConfig, self.config), penv)
         status = trainer.fit()
+        if status == "completed":
+            # Slurm's warning can still come while submitit writes the result; its handler would requeue
+            # a finished run (and exit rank 0 with an error).
+            signal.signal(sig, _ignore_late_warning)
         log.info("rank %d: %s at step %d (restart %d)", penv.rank, status, trainer.state.step, restart_count())
         if status == "stopped" and trainer.stop_signal == sig and penv.is_main:
             # The checkpoint is committed; let submitit's handler (restored by fit) requeue and exit.

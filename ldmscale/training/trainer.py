@@ -123,7 +123,9 @@ class Trainer:
             stop = dist_env.all_reduce_max(1.0 if self._stop_requested else 0.0) > 0
             if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps or stop:
                 self._save()
-            if stop:
+            # A signal at the last step changes nothing: the run finishes (and exports) instead of asking
+            # its launcher for a rerun that would only do the export.
+            if stop and state.step < cfg.train.max_steps:
                 progress.close()
                 log.warning("stopped at step %d after a signal; rerun the same command to resume", state.step)
                 return "stopped"

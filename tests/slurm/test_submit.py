@@ -131,13 +131,15 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluste
     rank checkpoint at the same step; rank 0 requeues; the job resumes from `latest`, and its losses and
     data equal those of an uninterrupted run.
 
-    Timing. The uninterrupted reference runs first, watched, for ~25 s of training on this machine
-    (`steps` is chosen from its speed; with a constant learning rate the first `steps` steps do not
-    depend on `train.max_steps`, so it runs with a larger one and is stopped once it has logged them). slurmctld sends
-    the warning at its first time-limit check (every 30 s) once `end - delay - 30 s` has passed: 23 to
-    53 s in, depending on the start. The job is held (`--begin`) until the moment after a check that
-    puts the warning in the middle of its training (by the reference's timing); the requeued job starts
-    a requeue delay after a check, so it has 60 s minus that delay before the next warning."""
+    Timing. slurmctld sends the warning at its first time-limit check (every 30 s) once `end - delay -
+    30 s` has passed: 23 to 53 s in, depending on the start, never earlier. The uninterrupted reference
+    runs first, watched, for long enough that a warning 26 s in (a little after the earliest, for
+    timing slack) is at most halfway through the job: 25 s of training, more on a machine that starts
+    fast (`steps` is chosen from its speed; with a constant learning rate the first `steps` steps do not
+    depend on `train.max_steps`, so it runs with a larger one and is stopped once it has logged them).
+    The job is held (`--begin`) until the moment after a check that puts the warning in the middle of
+    its training (by the reference's timing); the requeued job starts a requeue delay after a check, so
+    it has 60 s minus that delay before the next warning."""
     common = ("optim.schedule=constant", "checkpoint.every_steps=1000")
     reference_dir = tmp_path / "reference"
     started = time.monotonic()
@@ -146,7 +148,8 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluste
     wait_for(lambda: _logged_steps(reference_dir) >= 1, timeout=300, proc=reference, poll=0.05)
     startup, first = time.monotonic() - started, time.monotonic()
     wait_for(lambda: _logged_steps(reference_dir) >= 11, timeout=300, proc=reference, poll=0.05)
-    steps = max(40, round(25 / ((time.monotonic() - first) / 10)))
+    seconds = max(25.0, 2 * (26 - startup))
+    steps = max(40, round(seconds / ((time.monotonic() - first) / 10)))
     wait_for(lambda: _logged_steps(reference_dir) >= steps, timeout=300, proc=reference, poll=0.05)
     training = time.monotonic() - first
     # Its first `steps` records are written (line-buffered); stop it. torchrun passes SIGTERM on to its
