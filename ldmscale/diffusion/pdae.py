@@ -116,3 +116,27 @@ def shifted_ddpm_sample(model: ShiftedModel, x_T: torch.Tensor, z: torch.Tensor,
     denoiser = ShiftedDenoiser(model, schedule, prediction, coefficient="ddpm", scale=scale)
     return ddpm_sample(denoiser, x_T, schedule, prediction=EpsPrediction(), cond=_cond(z, cond), steps=None,
                        generator=generator, callback=callback)
+
+
+@torch.no_grad()
+def x0_prediction_errors(model: ShiftedModel, x0: torch.Tensor, z: torch.Tensor, t: int, schedule: NoiseSchedule, *,
+                         prediction: Prediction, cond: Cond | None = None,
+                         generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Mean squared error of the one-step x0 prediction at timestep `t`, (pre-trained, shifted).
+
+    x_t = q_sample(x0, t, eps); x0_hat = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t) with eps_hat the
+    pre-trained eps_theta, then eps_theta + c_t G (the training-time, posterior-mean form). The shift fills
+    the posterior-mean gap (§3.2) exactly when the second error is below the first.
+    """
+    ts = torch.full((len(x0),), t, device=x0.device, dtype=torch.long)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = schedule.q_sample(x0, ts, noise)
+    output, g = model(x_t, ts, z, **(cond or {}))
+    eps_theta = prediction.to_eps(output.to(x_t.dtype), x_t, ts, schedule)
+    c = shift_coefficient(schedule, ts).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+    ab = schedule.gather("alphas_cumprod", ts, x_t)
+
+    def x0_error(eps: torch.Tensor) -> float:
+        return float(((x_t - (1 - ab).sqrt() * eps) / ab.sqrt() - x0).pow(2).mean())
+
+    return x0_error(eps_theta), x0_error(eps_theta + c * g.to(x_t.dtype))

@@ -83,9 +83,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from ldmscale.pipelines.quickstart import run_quickstart
 
     report = run_quickstart(args.out, size=args.size)
-    print(f"quickstart done: report in {args.out}/report.md "
-          f"(autoencoder PSNR {report['autoencoder']['psnr']:.2f} dB)")
-    return 0
+    failed = [name for name, check in report["checks"].items() if not check["passed"]]
+    print(f"quickstart done in {report['total_seconds']:.0f} s: report in {args.out}/report.md; "
+          + (f"below threshold: {', '.join(failed)}" if failed else "every check passed"))
+    return 1 if failed else 0
 
 
 @command

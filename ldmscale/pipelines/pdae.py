@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from ldmscale.diffusion.objectives import Prediction
-from ldmscale.diffusion.pdae import shifted_ddim_invert, shifted_ddim_sample
+from ldmscale.diffusion.pdae import shifted_ddim_invert, shifted_ddim_sample, x0_prediction_errors
 from ldmscale.diffusion.schedule import NoiseSchedule
 from ldmscale.models.autoencoder import Autoencoder
 from ldmscale.models.pdae import PDAEHeads, ShiftedUNet
@@ -105,6 +105,15 @@ class PDAEPipeline:
         for w in torch.linspace(0, 1, num).tolist():
             rows.append(self.decode(slerp(x_a, x_b, w), torch.lerp(z_a, z_b, w), decode_steps))
         return torch.stack(rows, dim=1).flatten(0, 1)  # (P, num, 3, H, W) -> (P * num, ...)
+
+    @torch.no_grad()
+    def x0_errors(self, images: torch.Tensor, t: int, seed: int = 0) -> tuple[float, float]:
+        """(pre-trained, shifted) MSE of the one-step latent x0 prediction at `t` (see `x0_prediction_errors`)."""
+        latents = self.to_latent(images)
+        z = self.encode_z(images, latents)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return x0_prediction_errors(self.model, latents, z, t, self.schedule, prediction=self.prediction,
+                                    cond=self.cond(len(z)), generator=generator)
 
     @torch.no_grad()
     def edit(self, images: torch.Tensor, direction: torch.Tensor, stats: ZStats, scales: list[float], *,

@@ -14,9 +14,10 @@ from ldmscale.checkpoint.export import export_weights
 from ldmscale.config.load import config_from_dict, config_to_dict, load_yaml_with_overrides
 from ldmscale.config.schema import RunConfig, load_run_config
 from ldmscale.data.synthetic import ATTRIBUTE_NAMES, attributes_for, render_sample
-from ldmscale.diffusion.pdae import shift_coefficient
+from ldmscale.diffusion.pdae import x0_prediction_errors
 from ldmscale.distributed import env as dist_env
 from ldmscale.models.autoencoder import Autoencoder
+from ldmscale.models.pdae import ShiftedUNet
 from ldmscale.models.unet import UNet
 from ldmscale.pipelines.pdae import probe_accuracy
 from ldmscale.training.tasks.pdae import PDAETask
@@ -163,19 +164,13 @@ def test_loss_equals_hand_computation_and_ldm_stays_frozen(tmp_path, pretrained_
 
 def x0_errors(task: PDAETask, images: torch.Tensor, t_value: int, seed: int = 0) -> tuple[float, float]:
     """MSE of the one-step x0 prediction at t without and with the shift (c_t, the posterior-mean form)."""
-    g = torch.Generator().manual_seed(seed)
+    heads = task.engine.module
     with torch.no_grad():
         z0 = task.autoencoder.encode_to_latent(images, sample=False)  # (N, 4, 8, 8)
-        t = torch.full((len(images),), t_value)
-        noise = torch.randn(z0.shape, generator=g)
-        z_t = task.schedule.q_sample(z0, t, noise)
-        h, skips, emb, eps_theta = task.frozen_forward(z_t, t)
-        _, g_shift = task.engine.module(images, h, skips, emb)
-        c = shift_coefficient(task.schedule, t).float().view(-1, 1, 1, 1)
-        ab = task.schedule.gather("alphas_cumprod", t, z_t)
-        plain = (z_t - (1 - ab).sqrt() * eps_theta) / ab.sqrt()
-        shifted = (z_t - (1 - ab).sqrt() * (eps_theta + c * g_shift)) / ab.sqrt()
-    return float((plain - z0).pow(2).mean()), float((shifted - z0).pow(2).mean())
+        z = heads.encoder(images)
+    return x0_prediction_errors(ShiftedUNet(task.unet, heads), z0, z, t_value, task.schedule,
+                                prediction=task.prediction, cond=task.cond(len(images)),
+                                generator=torch.Generator().manual_seed(seed))
 
 
 def test_shift_fills_the_posterior_mean_gap_at_mid_range_t(trained, data):
