@@ -67,11 +67,13 @@ class QuickstartSize:
     sample_steps: int = 25
     pdae_inversion_steps: int = 25
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: {
-        "autoencoder_psnr_gain_db": 5.0,  # over the mean-image baseline
-        "adherence_shape_gain": 0.25,  # accuracy above chance (1/3)
-        "adherence_color_gain": 0.4,  # accuracy above chance (1/4)
+        # Reached on the reference machine (docs/benchmarks.md): 12.6 dB, shape +0.375, colour +0.438,
+        # probe +0.175, x0 8.1%; the thresholds leave room for another CPU's arithmetic.
+        "autoencoder_psnr_gain_db": 8.0,  # over the mean-image baseline
+        "adherence_shape_gain": 0.2,  # accuracy above chance (1/3)
+        "adherence_color_gain": 0.25,  # accuracy above chance (1/4)
         "probe_gain": 0.1,  # probe accuracy above the majority baseline, mean over all attributes
-        "x0_error_reduction": 0.05,  # relative, averaged over X0_ERROR_TIMESTEPS
+        "x0_error_reduction": 0.04,  # relative, averaged over X0_ERROR_TIMESTEPS
     })
 
 
