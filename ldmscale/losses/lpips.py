@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchvision.models import VGG16_Weights
-from torchvision.models.vgg import cfgs, make_layers
 
 # Ends of the relu1_2 .. relu5_3 slices in torchvision's `vgg16().features`.
 SLICE_ENDS = (4, 9, 16, 23, 30)
@@ -70,6 +68,10 @@ class LPIPS(nn.Module):
 
     def __init__(self, cfg: LPIPSConfig):
         super().__init__()
+        # torchvision is imported here, not at module level: importing it pulls in torch._dynamo (~2 s of
+        # start-up for every process, whether or not LPIPS is used).
+        from torchvision.models.vgg import cfgs, make_layers
+
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
         features = make_layers(cfgs["D"], batch_norm=False)[: SLICE_ENDS[-1]]  # torchvision vgg16 features
@@ -122,6 +124,8 @@ class LPIPS(nn.Module):
             vgg = load_weights_file(cfg.vgg_weights)
         else:
             try:
+                from torchvision.models import VGG16_Weights
+
                 vgg = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
             except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), no cache, bad hash
                 raise ValueError(f"LPIPS weights unavailable: task.loss.lpips.vgg_weights is not set and torchvision "

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -19,6 +18,8 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8
     """Writes (B, C, H, W) images in [-1, 1] as one PNG grid, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from torchvision.utils import make_grid  # lazily: importing torchvision costs ~2 s of start-up
+
     grid = make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=255)  # (C, H', W')
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")

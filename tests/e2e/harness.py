@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DEBUG_AE = str(ROOT / "configs" / "debug" / "autoencoder.yaml")
 
 
-def process_env() -> dict[str, str]:
+def process_env(threads: int = 1) -> dict[str, str]:
+    """One thread per process by default: two ranks on CI's two cores must not oversubscribe them."""
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1",
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), WANDB_MODE="offline", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -32,12 +33,20 @@ def command(args: list[str], nproc: int) -> list[str]:
             "127.0.0.1", "--master_port", str(free_port()), "-m", "ldmscale", *args]
 
 
-def run(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(args, nproc), env=process_env(), capture_output=True, text=True,
+def run(args: list[str], nproc: int = 1, timeout: float = 600, check: bool = True,
+        threads: int = 1) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(args, nproc), env=process_env(threads), capture_output=True, text=True,
                             timeout=timeout, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"ldmscale {' '.join(args)} exited {result.returncode}\n{result.stderr[-6000:]}")
     return result
+
+
+def train_autoencoder(run_dir: Path, shards: Path, *extra: str) -> Path:
+    """The debug autoencoder for 4 steps through the CLI, on `shards/train`; its export."""
+    run(["train", DEBUG_AE, f"run.dir={run_dir}", f"data.shards={shards / 'train'}", "train.progress=false",
+         "train.max_steps=4", "train.image_every=0", "train.validate_every=0", "checkpoint.every_steps=4", *extra])
+    return run_dir / "export" / "autoencoder.safetensors"
 
 
 def start(args: list[str], nproc: int = 1, log_path: Path | None = None) -> subprocess.Popen:

@@ -14,24 +14,12 @@ from PIL import Image
 from ldmscale.checkpoint.export import read_export_metadata
 from ldmscale.checkpoint.io import load_safetensors
 from ldmscale.config.load import load_yaml_with_overrides
-from tests.e2e.harness import DEBUG_AE, ROOT, committed, kill_job, metrics, run, start, wait_for
+from tests.e2e.harness import ROOT, committed, kill_job, metrics, run, start, train_autoencoder, wait_for
 
 pytest.importorskip("open_clip")
 
 DEBUG_LDM = str(ROOT / "configs" / "debug" / "ldm.yaml")
 CLASS_CONDITIONER = {"kind": "class", "num_classes": 12, "output": "context", "embed_dim": 32, "ucg_rate": 0.1}
-
-
-def train_autoencoder(run_dir: Path, shards: Path, *extra: str) -> Path:
-    run(["train", DEBUG_AE, f"run.dir={run_dir}", f"data.shards={shards / 'train'}", "train.progress=false",
-         "train.max_steps=4", "train.image_every=0", "train.validate_every=0", "checkpoint.every_steps=4", *extra])
-    return run_dir / "export" / "autoencoder.safetensors"
-
-
-@pytest.fixture(scope="session")
-def kl_autoencoder(tmp_path_factory, synth_shards) -> Path:
-    """The debug KL autoencoder, trained for 4 steps: the prerequisite export of stage 2a."""
-    return train_autoencoder(tmp_path_factory.mktemp("ldm-kl-ae"), synth_shards)
 
 
 @pytest.fixture(scope="session")

@@ -14,27 +14,25 @@ from PIL import Image
 from ldmscale.checkpoint.export import read_export_metadata
 from ldmscale.checkpoint.io import load_safetensors
 from ldmscale.config.load import load_yaml_with_overrides
-from tests.e2e.harness import DEBUG_AE, ROOT, committed, kill_job, metrics, run, start, wait_for
+from tests.e2e.harness import ROOT, committed, kill_job, metrics, run, start, wait_for
 
 DEBUG_LDM = ROOT / "configs" / "debug" / "ldm.yaml"
 DEBUG_PDAE = str(ROOT / "configs" / "debug" / "pdae.yaml")
 
 
 @pytest.fixture(scope="module")
-def ldm_export(tmp_path_factory, synth_shards) -> Path:
-    """The debug autoencoder (4 steps) and an unconditional debug LDM on it (6 steps), both through the CLI."""
+def ldm_export(tmp_path_factory, synth_shards, kl_autoencoder) -> Path:
+    """An unconditional debug LDM (6 steps) on the debug autoencoder (4 steps), both through the CLI."""
     root = tmp_path_factory.mktemp("pdae-prereq")
     common = [f"data.shards={synth_shards / 'train'}", "train.progress=false", "train.image_every=0",
               "train.validate_every=0"]
-    run(["train", DEBUG_AE, f"run.dir={root / 'ae'}", "train.max_steps=4", "checkpoint.every_steps=4", *common])
     data = load_yaml_with_overrides(DEBUG_LDM)
     data["task"]["conditioner"] = {"kind": "none"}
     data["task"]["unet"]["context_dim"] = None
     data["task"]["sample"]["prompts"] = []
     config = root / "ldm_uncond.yaml"
     config.write_text(yaml.safe_dump(data))
-    autoencoder = root / "ae" / "export" / "autoencoder.safetensors"
-    run(["train", str(config), f"run.dir={root / 'ldm'}", f"task.autoencoder={autoencoder}",
+    run(["train", str(config), f"run.dir={root / 'ldm'}", f"task.autoencoder={kl_autoencoder}",
          "train.max_steps=6", "checkpoint.every_steps=6", *common])
     return root / "ldm" / "export" / "ldm.safetensors"
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import synth_shards  # noqa: F401  (the same tiny shards as the e2e tests)
 from tests.e2e.harness import process_env
 from tests.slurm import cluster
 

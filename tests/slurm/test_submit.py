@@ -100,13 +100,13 @@ def test_scancel_leaves_only_committed_checkpoints_and_a_rerun_resumes(slurm_clu
     assert f"resuming from {latest}" in logs
 
 
-def test_cache_latents_array_tasks_split_the_shards(slurm_cluster, synth_shards, job_env, tmp_path, capsys):
+def test_cache_latents_array_tasks_split_the_shards(slurm_cluster, synth_shards, kl_autoencoder, job_env, tmp_path,
+                                                    capsys):
     """`--verb cache-latents --array 2`: array task i of 2 runs `cache-latents ... cache.rank=i
     cache.world_size=2`; each encodes half of the 8 shards, and together they write the whole set."""
-    run(["train", DEBUG_AE, *_overrides(tmp_path / "ae", synth_shards, "train.max_steps=1")])
     out_dir, shards = tmp_path / "latents", synth_shards / "train"
     code = main(["submit", DEBUG_CACHE, f"run.dir={tmp_path / 'cache'}", f"cache.shards={shards}",
-                 f"cache.out={out_dir}", f"cache.autoencoder={tmp_path / 'ae' / 'export' / 'autoencoder.safetensors'}",
+                 f"cache.out={out_dir}", f"cache.autoencoder={kl_autoencoder}",
                  "cache.progress=false", "--verb", "cache-latents", "--array", "2", *CPU, "--time", "10", "--wait"])
     out = capsys.readouterr().out
     assert code == 0 and out.count("'status': 'completed'") == 2, out
