@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from ldmscale.checkpoint.export import read_export_metadata
 from ldmscale.config.schema import load_run_config
 from ldmscale.data.shards import DATA_SOURCES
 from ldmscale.data.synthetic import ATTRIBUTE_NAMES, COLORS, POSITIONS, SHAPES, caption_for, write_synthetic_shards
@@ -199,7 +200,7 @@ def prompt_adherence(out: Path, ldm: str, judge: torch.nn.Module, size: Quicksta
     """One prompt per shape-colour pair (positions cycled), `samples_per_prompt` DDIM samples each with
     classifier-free guidance; the judge's accuracy against what the prompt asked for."""
     pipeline = load_pipeline(ldm)
-    cfg_sample = load_run_config(str(CONFIGS / "ldm.yaml"), [f"task.autoencoder={ldm}"]).task.sample
+    guidance = read_export_metadata(ldm)["config"]["task"]["sample"]["guidance_scale"]  # as the LDM run's grids
     prompts, labels = [], {"shape": [], "color": [], "position": []}
     for i, (shape, color) in enumerate((s, c) for s in SHAPES for c in COLORS):
         position = POSITIONS[i % len(POSITIONS)]
@@ -211,7 +212,7 @@ def prompt_adherence(out: Path, ldm: str, judge: torch.nn.Module, size: Quicksta
     images = []
     for prompt in tqdm(prompts, desc="sample prompts", unit="prompt", dynamic_ncols=True):
         images.append(pipeline.generate([prompt] * size.samples_per_prompt, size.samples_per_prompt,
-                                        steps=size.sample_steps, guidance=cfg_sample.guidance_scale,
+                                        steps=size.sample_steps, guidance=guidance,
                                         generator=generator))
     images = torch.cat(images)  # (prompts * samples_per_prompt, 3, 32, 32), prompt-major
     save_image_grid(images, out / "ldm_samples.png", nrow=size.samples_per_prompt * 4)
@@ -220,7 +221,7 @@ def prompt_adherence(out: Path, ldm: str, judge: torch.nn.Module, size: Quicksta
         + "\n".join(prompts) + "\n")
     scores = accuracy(judge, images, {k: torch.tensor(v) for k, v in labels.items()})
     return {"accuracy": scores, "chance": {k: chance(k) for k in scores}, "prompts": prompts,
-            "guidance": cfg_sample.guidance_scale, "steps": size.sample_steps}
+            "guidance": guidance, "steps": size.sample_steps}
 
 
 def train_pdae(out: Path, data: Path, ldm: str, size: QuickstartSize) -> dict[str, Any]:
