@@ -96,3 +96,14 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 def committed(run_dir: Path, step: int) -> bool:
     return (run_dir / "checkpoints" / f"step-{step:08d}" / "COMMITTED").is_file()
+
+
+def kill_after_checkpoint_then_rerun(args: list[str], run_dir: Path, checkpoint_step: int, last_step: int,
+                                     log_path: Path, nproc: int = 2, timeout: float = 300) -> None:
+    """Starts `args`, kill -9s the job once `checkpoint_step` is committed (failing if it already reached
+    `last_step`, which would prove nothing), then reruns the same command to the end."""
+    job = start(args, nproc=nproc, log_path=log_path)
+    wait_for(lambda: committed(run_dir, checkpoint_step), timeout=timeout, proc=job)
+    kill_job(job, signal.SIGKILL)
+    assert not committed(run_dir, last_step), "the job finished before it could be killed; the test proves nothing"
+    run(args, nproc=nproc)

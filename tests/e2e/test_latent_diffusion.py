@@ -4,7 +4,6 @@ PNG grids from the exports."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 from ldmscale.checkpoint.export import read_export_metadata
 from ldmscale.checkpoint.io import load_safetensors
 from ldmscale.config.load import load_yaml_with_overrides
-from tests.e2e.harness import ROOT, committed, kill_job, metrics, run, start, train_autoencoder, wait_for
+from tests.e2e.harness import ROOT, kill_after_checkpoint_then_rerun, metrics, run, train_autoencoder
 
 pytest.importorskip("open_clip")
 
@@ -55,11 +54,7 @@ def test_zero3_text_ldm_resumes_exactly_after_sigkill(tmp_path, text_reference):
     reference_dir, reference_args = text_reference
     resumed_dir = tmp_path / "resumed"
     args = [f"run.dir={resumed_dir}" if a.startswith("run.dir=") else a for a in reference_args]
-    job = start(args, nproc=2, log_path=tmp_path / "killed.log")
-    wait_for(lambda: committed(resumed_dir, 4), timeout=300, proc=job)
-    kill_job(job, signal.SIGKILL)
-    assert not committed(resumed_dir, 10), "the job finished before it could be killed; the test proves nothing"
-    run(args, nproc=2)
+    kill_after_checkpoint_then_rerun(args, resumed_dir, 4, 10, tmp_path / "killed.log")
 
     reference, resumed = metrics(reference_dir), metrics(resumed_dir)
     assert sorted(resumed) == list(range(1, 11))

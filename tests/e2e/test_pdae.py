@@ -4,7 +4,6 @@ training of the heads resumes exactly after kill -9 (frozen LDM outside the engi
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 from ldmscale.checkpoint.export import read_export_metadata
 from ldmscale.checkpoint.io import load_safetensors
 from ldmscale.config.load import load_yaml_with_overrides
-from tests.e2e.harness import ROOT, committed, kill_job, metrics, run, start, wait_for
+from tests.e2e.harness import ROOT, kill_after_checkpoint_then_rerun, metrics, run
 
 DEBUG_LDM = ROOT / "configs" / "debug" / "ldm.yaml"
 DEBUG_PDAE = str(ROOT / "configs" / "debug" / "pdae.yaml")
@@ -56,11 +55,7 @@ def test_zero2_pdae_resumes_exactly_after_sigkill(tmp_path, reference, ldm_expor
     reference_dir, reference_args = reference
     resumed_dir = tmp_path / "resumed"
     args = [f"run.dir={resumed_dir}" if a.startswith("run.dir=") else a for a in reference_args]
-    job = start(args, nproc=2, log_path=tmp_path / "killed.log")
-    wait_for(lambda: committed(resumed_dir, 3), timeout=300, proc=job)
-    kill_job(job, signal.SIGKILL)
-    assert not committed(resumed_dir, 6), "the job finished before it could be killed; the test proves nothing"
-    run(args, nproc=2)
+    kill_after_checkpoint_then_rerun(args, resumed_dir, 3, 6, tmp_path / "killed.log")
 
     ref, res = metrics(reference_dir), metrics(resumed_dir)
     assert sorted(res) == list(range(1, 7))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldmscale.checkpoint.io import load_safetensors
-from tests.e2e.harness import DEBUG_AE, committed, kill_job, metrics, run, start, wait_for
+from tests.e2e.harness import DEBUG_AE, kill_after_checkpoint_then_rerun, metrics, run, start, wait_for
 
 
 def _args(run_dir, shards, *extra):
@@ -63,11 +63,7 @@ def test_exact_resume_after_sigkill(tmp_path, synth_shards):
     reference = metrics(reference_dir)
 
     args = _args(resumed_dir, synth_shards, *common)
-    job = start(args, nproc=2, log_path=tmp_path / "killed.log")
-    wait_for(lambda: committed(resumed_dir, 10), timeout=600, proc=job)
-    kill_job(job, signal.SIGKILL)
-    assert not committed(resumed_dir, 20), "the job finished before it could be killed; the test proves nothing"
-    run(args, nproc=2)
+    kill_after_checkpoint_then_rerun(args, resumed_dir, 10, 20, tmp_path / "killed.log", timeout=600)
     resumed = metrics(resumed_dir)
     assert sorted(resumed) == list(range(1, 21))
     for step in range(11, 21):
