@@ -52,5 +52,17 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def export_file(checkpoint: str | os.PathLike, network: str, what: str) -> Path:
+    """An export file, or a run directory holding `export/<network>.safetensors`; `what` names the export in
+    the error (e.g. "an LDM")."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "export" / f"{network}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"CHECKPOINT: {checkpoint} is neither {what} export (.safetensors) nor a run directory "
+                         f"with export/{network}.safetensors")
+    return path
+
+
 def load_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return load_safetensors(path), read_export_metadata(path)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ldmscale.checkpoint.export import export_file
 from ldmscale.diffusion.guidance import CFGDenoiser
 from ldmscale.diffusion.objectives import Prediction
 from ldmscale.diffusion.samplers import SamplerStep, ddim_sample, model_denoiser
@@ -76,13 +77,7 @@ class LatentDiffusionPipeline:
 
 def resolve_export(checkpoint: str | os.PathLike) -> Path:
     """An LDM export file, or a run directory holding `export/ldm.safetensors`."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "export" / f"{LDM_NETWORK}.safetensors"
-    if not path.is_file():
-        raise ValueError(f"CHECKPOINT: {checkpoint} is neither an LDM export (.safetensors) nor a run directory "
-                         f"with export/{LDM_NETWORK}.safetensors")
-    return path
+    return export_file(checkpoint, LDM_NETWORK, "an LDM")
 
 
 def load_pipeline(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> LatentDiffusionPipeline:

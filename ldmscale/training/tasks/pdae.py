@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ldmscale.checkpoint.export import content_hash, load_export, read_export_metadata
+from ldmscale.checkpoint.export import content_hash, export_file, load_export, read_export_metadata
 from ldmscale.config.load import ConfigError, config_from_dict
 from ldmscale.distributed.zero import full_state_dict
 from ldmscale.losses.pdae import pdae_loss
@@ -112,12 +112,7 @@ def load_pdae_pipeline(checkpoint: str, device: torch.device | str = "cpu") -> P
     from ldmscale.config.schema import RunConfig
     from ldmscale.nn.attention import set_attention_backend
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "export" / f"{PDAE_NETWORK}.safetensors"
-    if not path.is_file():
-        raise ValueError(f"CHECKPOINT: {checkpoint} is neither a PDAE export (.safetensors) nor a run directory "
-                         f"with export/{PDAE_NETWORK}.safetensors")
+    path = export_file(checkpoint, PDAE_NETWORK, "a PDAE")
     state, meta = load_export(path)
     if meta.get("stage") != "pdae":
         raise ValueError(f"CHECKPOINT: {path} is an export of stage {meta.get('stage')!r}, not of pdae")
