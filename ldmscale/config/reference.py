@@ -16,7 +16,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ldmscale.config.load import config_to_dict
 
 OUTPUT = Path(__file__).resolve().parents[2] / "docs" / "configs.md"
 
@@ -58,9 +57,6 @@ def _default(field: dataclasses.Field) -> str:
         return "required"
     if dataclasses.is_dataclass(value):
         return "(section)"
-    if isinstance(value, (list, dict)):
-        return f"`{config_to_dict(value) if isinstance(value, dict) else value}`" if value else "`[]`" \
-            if isinstance(value, list) else "`{}`"
     return f"`{value}`" if value is not None else "`null`"
 
 

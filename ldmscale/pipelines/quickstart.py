@@ -104,11 +104,12 @@ def _loss_curve(run_dir: Path, key: str, path: Path, title: str) -> None:
     save_curve([r["step"] for r in train], [r[key] for r in train], path, title)
 
 
-def _train(config: str, overrides: list[str]) -> Path:
+def _train(config: str, overrides: list[str]) -> tuple[Any, Path]:
+    """Trains one stage to completion: (its RunConfig, its run directory)."""
     cfg = load_run_config(str(CONFIGS / config), overrides)
     if Trainer(cfg).fit() != "completed":
         raise RuntimeError(f"the {cfg.stage} stage was stopped; run the quickstart again to resume it")
-    return Path(cfg.run.dir)
+    return cfg, Path(cfg.run.dir)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -146,12 +147,12 @@ def train_autoencoder(out: Path, data: Path, size: QuickstartSize) -> dict[str, 
                  f"data.validation_shards={data / 'holdout'}", f"train.max_steps={steps}",
                  f"train.validate_every={steps}", f"train.image_every={steps}", f"checkpoint.every_steps={steps}",
                  f"train.micro_batch_size={size.autoencoder_batch}", f"task.loss.disc_start={steps * 4 // 5}"]
-    run_dir = _train("autoencoder.yaml", overrides)
+    cfg, run_dir = _train("autoencoder.yaml", overrides)
     val = [r for r in _records(run_dir) if "val/psnr" in r][-1]
     _loss_curve(run_dir, "rec", out / "loss_autoencoder.png", "autoencoder reconstruction loss (squared error)")
     shutil.copy(sorted((run_dir / "images").glob("reconstructions-*.png"))[-1],
                 out / "autoencoder_reconstructions.png")
-    baseline = mean_image_psnr(load_run_config(str(CONFIGS / "autoencoder.yaml"), overrides))
+    baseline = mean_image_psnr(cfg)
     return {"psnr": val["val/psnr"], "ssim": val["val/ssim"], "baseline_psnr": baseline,
             "export": str(run_dir / "export" / "autoencoder.safetensors")}
 
@@ -167,9 +168,10 @@ def cache(out: Path, data: Path, autoencoder: str) -> dict[str, Any]:
 
 def train_ldm(out: Path, latents: str, autoencoder: str, size: QuickstartSize) -> dict[str, Any]:
     steps = size.ldm_steps
-    run_dir = _train("ldm.yaml", [f"run.dir={out / 'ldm'}", f"data.shards={latents}", f"task.autoencoder={autoencoder}",
-                                  f"train.max_steps={steps}", *size.ldm_overrides,
-                                  f"train.image_every={steps}", f"checkpoint.every_steps={steps}"])
+    _, run_dir = _train("ldm.yaml", [f"run.dir={out / 'ldm'}", f"data.shards={latents}",
+                                     f"task.autoencoder={autoencoder}", f"train.max_steps={steps}",
+                                     *size.ldm_overrides, f"train.image_every={steps}",
+                                     f"checkpoint.every_steps={steps}"])
     _loss_curve(run_dir, "loss", out / "loss_ldm.png", "latent diffusion loss (eps MSE)")
     return {"export": str(run_dir / "export" / "ldm.safetensors"), "final_loss": _records(run_dir)[-1].get("loss")}
 
@@ -180,20 +182,22 @@ def train_judge(autoencoder: str, size: QuickstartSize) -> tuple[torch.nn.Module
     from ldmscale.training.tasks.latent_diffusion import load_frozen_autoencoder
 
     autoencoder_model, _ = load_frozen_autoencoder(autoencoder)
+
+    @torch.no_grad()
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([autoencoder_model.decode_from_latent(autoencoder_model.encode_to_latent(c, sample=False))
+                          for c in x.split(256)]).clamp(-1, 1)
+
     images, labels = render_labelled(size.judge_samples, seed=100)
-    with torch.no_grad():
-        recon = torch.cat([autoencoder_model.decode_from_latent(autoencoder_model.encode_to_latent(c, sample=False))
-                           for c in images.split(256)]).clamp(-1, 1)
     both = {k: torch.cat([v, v]) for k, v in labels.items()}
     bar = tqdm(total=size.judge_steps, desc="train judge", unit="step", dynamic_ncols=True)
-    judge = train_shapes_classifier(torch.cat([images, recon]), both, ClassifierTraining(steps=size.judge_steps, batch_size=size.judge_batch),
+    judge = train_shapes_classifier(torch.cat([images, reconstruct(images)]), both,
+                                    ClassifierTraining(steps=size.judge_steps, batch_size=size.judge_batch),
                                     progress=lambda step: bar.update(1))
     bar.close()
     test, test_labels = render_labelled(256, seed=101)
-    with torch.no_grad():
-        test_recon = autoencoder_model.decode_from_latent(autoencoder_model.encode_to_latent(test, sample=False))
     return judge, {"rendered": accuracy(judge, test, test_labels),
-                   "reconstructed": accuracy(judge, test_recon.clamp(-1, 1), test_labels)}
+                   "reconstructed": accuracy(judge, reconstruct(test), test_labels)}
 
 
 def prompt_adherence(out: Path, ldm: str, judge: torch.nn.Module, size: QuickstartSize) -> dict[str, Any]:
@@ -226,9 +230,9 @@ def prompt_adherence(out: Path, ldm: str, judge: torch.nn.Module, size: Quicksta
 
 def train_pdae(out: Path, data: Path, ldm: str, size: QuickstartSize) -> dict[str, Any]:
     steps = size.pdae_steps
-    run_dir = _train("pdae.yaml", [f"run.dir={out / 'pdae'}", f"data.shards={data / 'train'}", f"task.ldm={ldm}",
-                                   f"train.max_steps={steps}", f"train.image_every={steps}",
-                                   f"checkpoint.every_steps={steps}"])
+    _, run_dir = _train("pdae.yaml", [f"run.dir={out / 'pdae'}", f"data.shards={data / 'train'}", f"task.ldm={ldm}",
+                                      f"train.max_steps={steps}", f"train.image_every={steps}",
+                                      f"checkpoint.every_steps={steps}"])
     _loss_curve(run_dir, "loss", out / "loss_pdae.png", "PDAE loss (weighted eps MSE with the shift)")
     return {"export": str(run_dir / "export" / "pdae.safetensors")}
 
