@@ -44,6 +44,8 @@ ATTRIBUTE_NAMES = (
     "is_left", "is_right", "is_top", "is_bottom", "is_center",
     "is_large", "dark_background",
 )
+# The properties stored one-hot in the attribute vector, each with its attributes in value order.
+ONE_HOT_PROPERTIES = {"shape": tuple(f"is_{s}" for s in SHAPES), "color": tuple(f"is_{c}" for c in COLORS)}
 
 COLOR_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40)}
 # Shape centre as a fraction of the image side (x, y).

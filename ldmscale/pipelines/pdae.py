@@ -6,7 +6,9 @@
 - interpolate: lerp of z, slerp of x_T (the official `_ddim_trajectory_interpolation`).
 - edit: a logistic-regression direction w on standardised z; z_n' = z_n + s sqrt(d) w / ||w||, then
   de-standardised; x_T inferred with the original z, decoded with the edited one.
-- probe: per-attribute logistic regression on standardised z, accuracy on a held-out split.
+- probe: per-attribute logistic regression on standardised z, accuracy on a held-out split; for a
+  categorical attribute stored one-hot (the synthetic shards' shape and colour), one softmax regression
+  over its values as well.
 
 The frozen UNet, autoencoder and schedule come from the LDM export the PDAE run was trained on; the
 heads from the PDAE export (its EMA weights). Latents are never clamped.
@@ -192,6 +194,37 @@ def probe_accuracy(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.T
     return accuracy, baseline
 
 
+def fit_softmax_classifier(features: torch.Tensor, classes: torch.Tensor, num_classes: int, *, steps: int = 500,
+                           lr: float = 0.1, weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (cross-entropy, full-batch Adam): features (N, d), classes (N,) in
+    [0, num_classes) -> (weights (num_classes, d), bias (num_classes,)). Deterministic."""
+    w = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    x = features.float()
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(x @ w.T + b, classes) + weight_decay * w.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach(), b.detach()
+
+
+def probe_categorical_accuracy(train_z: torch.Tensor, train_onehot: torch.Tensor, test_z: torch.Tensor,
+                               test_onehot: torch.Tensor) -> tuple[float, float]:
+    """Linear-probe accuracy of one categorical attribute given one-hot (N, C), and the majority-class
+    baseline, on the held-out split. One softmax over the C values, rather than C one-vs-rest probes whose
+    majority baseline ("not this value") is already (C - 1) / C."""
+    num_classes = train_onehot.shape[1]
+    train_y, test_y = train_onehot.argmax(1), test_onehot.argmax(1)  # (N,)
+    stats = ZStats.of(train_z)
+    w, b = fit_softmax_classifier(stats.normalise(train_z), train_y, num_classes)
+    accuracy = ((stats.normalise(test_z) @ w.T + b).argmax(1) == test_y).float().mean()
+    majority = torch.bincount(train_y, minlength=num_classes).argmax()
+    return float(accuracy), float((test_y == majority).float().mean())
+
+
 # ------------------------------------------------------------------------------------------------------
 # `ldmscale pdae {reconstruct,interpolate,edit,probe}`
 
@@ -313,8 +346,9 @@ def edit_to_png(checkpoint: str, source: str, out: str, *, attribute: str, scale
 def probe(checkpoint: str, source: str, *, held_out: float = 0.25, device: str | None = None
           ) -> dict[str, dict[str, float]]:
     """Linear-probe accuracy of z per attribute on the last `held_out` fraction of the inputs, with the
-    majority-class baseline of that split: {name: {"accuracy", "baseline"}}."""
-    from ldmscale.data.synthetic import ATTRIBUTE_NAMES
+    majority-class baseline of that split: {name: {"accuracy", "baseline"}}. On the synthetic shards'
+    attribute vector, also one softmax probe per one-hot property ("shape", "color") over its values."""
+    from ldmscale.data.synthetic import ATTRIBUTE_NAMES, ONE_HOT_PROPERTIES
 
     if not 0 < held_out < 1:
         raise ValueError(f"--held-out: must be in (0, 1), got {held_out}")
@@ -330,4 +364,11 @@ def probe(checkpoint: str, source: str, *, held_out: float = 0.25, device: str |
     accuracy, baseline = probe_accuracy(z[:split], attributes[:split], z[split:], attributes[split:])
     names = list(ATTRIBUTE_NAMES) if attributes.shape[1] == len(ATTRIBUTE_NAMES) else \
         [str(i) for i in range(attributes.shape[1])]
-    return {n: {"accuracy": float(a), "baseline": float(b)} for n, a, b in zip(names, accuracy, baseline)}
+    report = {n: {"accuracy": float(a), "baseline": float(b)} for n, a, b in zip(names, accuracy, baseline)}
+    if names == list(ATTRIBUTE_NAMES):
+        for prop, columns in ONE_HOT_PROPERTIES.items():
+            idx = [names.index(c) for c in columns]
+            acc, base = probe_categorical_accuracy(z[:split], attributes[:split, idx], z[split:],
+                                                   attributes[split:, idx])
+            report[prop] = {"accuracy": acc, "baseline": base}
+    return report

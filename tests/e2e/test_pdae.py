@@ -102,7 +102,7 @@ def test_pdae_tools_write_grids_and_probe(tmp_path, reference, synth_shards, cap
         assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
     code, out, err = cli(capsys, "pdae", "probe", run_dir, "--input", train)
     lines = {line.split()[0]: line.split() for line in out.splitlines() if "accuracy" in line}
-    assert code == 0 and {"is_circle", "is_red", "dark_background"} <= set(lines), err
+    assert code == 0 and {"is_circle", "is_red", "dark_background", "shape", "color"} <= set(lines), err
     assert all(0.0 <= float(v[2]) <= 1.0 and 0.0 <= float(v[5]) <= 1.0 for v in lines.values())
     code, _, err = cli(capsys, "pdae", "edit", run_dir, "--input", train, "--attribute", "is_purple",
                        "--out", str(tmp_path / "x.png"))

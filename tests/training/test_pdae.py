@@ -1,9 +1,14 @@
 """The PDAE stage in one process on top of a tiny, briefly pre-trained unconditional LDM: the loss
 against its closed form, the frozen LDM untouched and outside the optimizer, the paper's central
-claim (the learned mean shift cuts the x0 error at mid-range t) and a linear probe of z."""
+claim (the learned mean shift cuts the x0 error at mid-range t) and a linear probe of z.
+
+The images are 64 px (16x16 latents): at 32 px (8x8 latents) a circle, a square and a triangle differ
+in a latent pixel or two, and the heads learned no shape in 2000 CPU steps (softmax probe of shape at
+0.49-0.56 against 0.52 for the encoder at initialisation); at 64 px they learn it in a hundred."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +18,24 @@ import torch
 from ldmscale.checkpoint.export import export_weights
 from ldmscale.config.load import config_from_dict, config_to_dict, load_yaml_with_overrides
 from ldmscale.config.schema import RunConfig, load_run_config
-from ldmscale.data.synthetic import ATTRIBUTE_NAMES, attributes_for, render_sample
+from ldmscale.data.synthetic import ATTRIBUTE_NAMES, COLORS, SHAPES, attributes_for, render_sample
 from ldmscale.diffusion.pdae import x0_prediction_errors
 from ldmscale.distributed import env as dist_env
 from ldmscale.models.autoencoder import Autoencoder
 from ldmscale.models.pdae import ShiftedUNet
 from ldmscale.models.unet import UNet
-from ldmscale.pipelines.pdae import probe_accuracy
+from ldmscale.pipelines.pdae import probe_categorical_accuracy
 from ldmscale.training.tasks.pdae import PDAETask
 
 ROOT = Path(__file__).resolve().parents[2]
 PDAE = ROOT / "configs" / "debug" / "pdae.yaml"
-LDM_PRETRAIN_STEPS = 100
-PDAE_STEPS = 100
+RESOLUTION = 64
+LATENT_SHAPE = [4, RESOLUTION // 4, RESOLUTION // 4]  # the debug autoencoder downsamples 4x
+LDM_PRETRAIN_STEPS = 50
+PDAE_STEPS = 150
 BATCH = 16
-PDAE_BATCH = 8
-PDAE_IMAGES = 32  # the heads see these only, so that 100 steps can fill the gap on them
+PDAE_BATCH = 16
+PDAE_IMAGES = 256  # the heads train on these; the probe and the x0 errors are measured on held-out images
 
 
 @pytest.fixture(autouse=True)
@@ -42,10 +49,10 @@ def single_thread():
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n synthetic 32 px images (n, 3, 32, 32) in [-1, 1] and their attributes (n, 14)."""
+    """n synthetic images (n, 3, R, R) in [-1, 1] and their attributes (n, 14)."""
     images, attributes = [], []
     for i in range(n):
-        s = render_sample(i, seed=seed, resolution=32)
+        s = render_sample(i, seed=seed, resolution=RESOLUTION)
         images.append(torch.from_numpy(np.asarray(s["image"], dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
         attributes.append(attributes_for(s["shape"], s["color"], s["position"], s["large"], s["dark"]))
     return torch.stack(images), torch.tensor(attributes)
@@ -53,7 +60,7 @@ def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {"train": synthetic(128, seed=0), "val": synthetic(64, seed=1)}
+    return {"train": synthetic(512, seed=0), "val": synthetic(256, seed=1)}
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +80,12 @@ def pretrained_ldm(tmp_path_factory, data) -> Path:
         autoencoder.quant_conv.bias[4:].fill_(-12.0)
         scale = 1.0 / float(autoencoder.encode_to_latent(images, sample=False).std())
         autoencoder.set_scale_factor(scale)
-        latents = autoencoder.encode_to_latent(images, sample=False)  # (N, 4, 8, 8), encoded once
+        latents = autoencoder.encode_to_latent(images, sample=False)  # (N, 4, 16, 16), encoded once
     ae_path = export_weights(autoencoder.state_dict(), root / "autoencoder.safetensors", config=config_to_dict(ae_cfg),
                              metadata={"stage": "autoencoder", "network": "autoencoder", "scale_factor": scale})
 
     ldm_data = load_yaml_with_overrides(ROOT / "configs" / "debug" / "ldm.yaml", [f"task.autoencoder={ae_path}"])
+    ldm_data["data"]["resolution"] = RESOLUTION
     ldm_data["task"]["conditioner"] = {"kind": "none"}
     ldm_data["task"]["unet"]["context_dim"] = None
     ldm_data["task"]["sample"]["prompts"] = []
@@ -87,7 +95,7 @@ def pretrained_ldm(tmp_path_factory, data) -> Path:
     ab = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
     g = torch.Generator().manual_seed(0)
     for _ in range(LDM_PRETRAIN_STEPS):
-        z0 = latents[torch.randint(0, len(images), (BATCH,), generator=g)]  # (B, 4, 8, 8)
+        z0 = latents[torch.randint(0, len(images), (BATCH,), generator=g)]  # (B, 4, 16, 16)
         t = torch.randint(0, 1000, (BATCH,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         a = ab[t].view(-1, 1, 1, 1)
@@ -99,7 +107,7 @@ def pretrained_ldm(tmp_path_factory, data) -> Path:
                           config=config_to_dict(ldm_cfg),
                           metadata={"stage": "latent_diffusion", "network": "ldm", "step": LDM_PRETRAIN_STEPS,
                                     "ema": False, "autoencoder_content_hash": autoencoder_hash(ae_path),
-                                    "scale_factor": scale, "latent_shape": [4, 8, 8]})
+                                    "scale_factor": scale, "latent_shape": LATENT_SHAPE})
 
 
 def autoencoder_hash(path: Path) -> str:
@@ -109,7 +117,8 @@ def autoencoder_hash(path: Path) -> str:
 
 
 def make_task(run_dir: Path, ldm: Path, *overrides: str) -> PDAETask:
-    cfg = load_run_config(str(PDAE), [f"task.ldm={ldm}", f"run.dir={run_dir}", *overrides])
+    cfg = load_run_config(str(PDAE), [f"task.ldm={ldm}", f"run.dir={run_dir}", f"data.resolution={RESOLUTION}",
+                                      *overrides])
     torch.manual_seed(cfg.seed)
     return PDAETask(cfg, penv=dist_env.ProcessEnv(), run_dir=run_dir)
 
@@ -120,8 +129,8 @@ def batch_of(images: torch.Tensor, idx: torch.Tensor) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, pretrained_ldm, data) -> PDAETask:
-    task = make_task(tmp_path_factory.mktemp("pdae-run"), pretrained_ldm, f"train.micro_batch_size={PDAE_BATCH}",
-                     "optim.lr=3e-3")
+    task = make_task(tmp_path_factory.mktemp("pdae-run"), pretrained_ldm, f"train.micro_batch_size={PDAE_BATCH}")
+    task.initial_encoder = copy.deepcopy(task.engine.module.encoder)  # what E knows before training
     images = data["train"][0][:PDAE_IMAGES]
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -166,7 +175,7 @@ def x0_errors(task: PDAETask, images: torch.Tensor, t_value: int, seed: int = 0)
     """MSE of the one-step x0 prediction at t without and with the shift (c_t, the posterior-mean form)."""
     heads = task.engine.module
     with torch.no_grad():
-        z0 = task.autoencoder.encode_to_latent(images, sample=False)  # (N, 4, 8, 8)
+        z0 = task.autoencoder.encode_to_latent(images, sample=False)  # (N, 4, 16, 16)
         z = heads.encoder(images)
     return x0_prediction_errors(ShiftedUNet(task.unet, heads), z0, z, t_value, task.schedule,
                                 prediction=task.prediction, cond=task.cond(len(images)),
@@ -175,30 +184,33 @@ def x0_errors(task: PDAETask, images: torch.Tensor, t_value: int, seed: int = 0)
 
 def test_shift_fills_the_posterior_mean_gap_at_mid_range_t(trained, data):
     """PDAE's central claim (§3.2, Fig. 5): x0 predicted with the learned shift is clearly closer to x0 than
-    the pre-trained model's, at mid-range t where lambda_t peaks (on the images the heads trained on:
-    a CPU test cannot train long enough to generalise)."""
-    images = data["train"][0][:PDAE_IMAGES]
-    for t in (300, 450, 600):
+    the pre-trained model's, at mid-range t around lambda_t's peak (t = 673 for gamma 0.1 on this schedule),
+    on held-out images. Measured when written: 12-28% lower (0.345 -> 0.302, 0.622 -> 0.501, 1.317 -> 0.953
+    at t = 450, 600, 750); the paper's heads train for ~500k steps, these for 150."""
+    images = data["val"][0][:64]
+    for t in (450, 600, 750):
         plain, shifted = x0_errors(trained, images, t)
-        # 100 steps cut the error by 7-10% here (0.237 -> 0.221, 0.398 -> 0.363, 0.683 -> 0.615 when written);
-        # the paper's heads train for ~500k steps. The run is deterministic, so 5% is a safe floor.
-        assert shifted < 0.95 * plain, (t, plain, shifted)
+        print(f"t={t}: x0 error {plain:.3f} -> {shifted:.3f}")
+        assert shifted < 0.9 * plain, (t, plain, shifted)
 
 
-GROUPS = {"colour": ["is_red", "is_green", "is_blue", "is_yellow"], "shape": ["is_circle", "is_square", "is_triangle"]}
-
-
-# Shape is not asserted yet: measured when written, shape accuracy 0.59 / 0.58 / 0.70 against majority
-# baselines 0.75 / 0.58 / 0.67 -- 100 CPU steps on 32 images do not teach E shape (issue 6 stays open).
-@pytest.mark.parametrize("group", ["colour"])
-def test_linear_probe_on_z_beats_chance(trained, data, group):
-    """Logistic regression on standardised z (train split) predicts the attribute on the held-out split
-    better than the majority class by 5 points on average over the group's attributes (colour, measured
-    when written: 0.875 / 0.766 / 0.719 / 0.938 against 0.781 / 0.688 / 0.703 / 0.828, +7.4 points)."""
+@pytest.fixture(scope="module")
+def z_of(trained, data) -> dict[str, dict[str, torch.Tensor]]:
+    """z of the train and held-out splits under the trained encoder and under the encoder at initialisation."""
     with torch.no_grad():
-        z_train = trained.engine.module.encoder(data["train"][0])
-        z_val = trained.engine.module.encoder(data["val"][0])
-    accuracy, baseline = probe_accuracy(z_train, data["train"][1], z_val, data["val"][1])
-    idx = [list(ATTRIBUTE_NAMES).index(n) for n in GROUPS[group]]
-    print(group, [round(a, 3) for a in accuracy[idx].tolist()], [round(b, 3) for b in baseline[idx].tolist()])
-    assert float(accuracy[idx].mean()) > float(baseline[idx].mean()) + 0.05, (group, accuracy[idx], baseline[idx])
+        return {name: {split: encoder(data[split][0]) for split in ("train", "val")}
+                for name, encoder in (("trained", trained.engine.module.encoder), ("initial", trained.initial_encoder))}
+
+
+@pytest.mark.parametrize("attribute, values", [("shape", SHAPES), ("colour", COLORS)])
+def test_linear_probe_on_z_beats_chance(z_of, data, attribute, values):
+    """A softmax regression on standardised z (train split) predicts the attribute on the held-out split
+    well above the majority class, and above the same probe on the encoder at initialisation (random
+    convolutions already separate the values somewhat, so beating chance alone would not show learning).
+    Measured when written: shape 0.594 (initial 0.453, chance 0.348), colour 1.0 (0.676, 0.211)."""
+    columns = [list(ATTRIBUTE_NAMES).index(f"is_{v}") for v in values]
+    train_y, val_y = data["train"][1][:, columns], data["val"][1][:, columns]
+    (accuracy, chance), (initial, _) = (probe_categorical_accuracy(z["train"], train_y, z["val"], val_y)
+                                        for z in (z_of["trained"], z_of["initial"]))
+    print(f"{attribute}: probe {accuracy:.3f}, at initialisation {initial:.3f}, chance {chance:.3f}")
+    assert accuracy > chance + 0.15 and accuracy > initial + 0.08, (attribute, accuracy, initial, chance)
