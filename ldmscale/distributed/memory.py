@@ -26,7 +26,9 @@ class ModelStateMemory:
 
 
 def model_state_bytes(trainable: int, frozen: int, ema: int, *, zero_stage: int, precision: str,
-                      num_gpus: int) -> ModelStateMemory:
+                      num_gpus: int, frozen_fp32: bool = False) -> ModelStateMemory:
+    """Bytes per GPU of the model states. Frozen networks are held whole on every rank, at the training
+    precision, or in fp32 with `frozen_fp32` (the LDM and PDAE stages' `task.frozen_precision: fp32`)."""
     half = precision in ("bf16", "fp16")
     param_b, grad_b, optim_b = (2, 2, 12) if half else (4, 4, 8)
     n = max(1, num_gpus)
@@ -34,6 +36,6 @@ def model_state_bytes(trainable: int, frozen: int, ema: int, *, zero_stage: int,
         params=trainable * param_b / (n if zero_stage >= 3 else 1),
         grads=trainable * grad_b / (n if zero_stage >= 2 else 1),
         optimizer=trainable * optim_b / (n if zero_stage >= 1 else 1),
-        frozen=frozen * param_b,
+        frozen=frozen * (4 if frozen_fp32 else param_b),
         ema=ema * 4,
     )

@@ -27,10 +27,11 @@ def describe(cfg: RunConfig, num_gpus: int) -> dict[str, Any]:
         else:
             frozen += count
     ema = trainable if cfg.ema.enabled else 0
+    frozen_fp32 = getattr(cfg.task, "frozen_precision", "training") == "fp32"  # stages with frozen networks say
     memory = {}
     for stage in range(4):
         m = model_state_bytes(trainable, frozen, ema, zero_stage=stage, precision=cfg.distributed.precision,
-                              num_gpus=num_gpus)
+                              num_gpus=num_gpus, frozen_fp32=frozen_fp32)
         memory[f"zero{stage}"] = {k: v / 2**30 for k, v in
                                   {"params": m.params, "grads": m.grads, "optimizer": m.optimizer,
                                    "frozen": m.frozen, "ema": m.ema, "total": m.total}.items()}

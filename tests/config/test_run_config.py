@@ -86,3 +86,16 @@ def test_info_counts_kl_f8_and_zero_memory():
     assert z0["optimizer"] * gib == pytest.approx(trainable * bytes_per_param[2])
     assert z3["optimizer"] * gib == pytest.approx(trainable * bytes_per_param[2] / 4)
     assert z3["params"] * gib == pytest.approx(trainable * bytes_per_param[0] / 4)
+
+
+@pytest.mark.parametrize("frozen_precision, bytes_per_frozen", [("fp32", 4), ("training", 2)])
+def test_info_counts_the_frozen_networks_at_their_precision(frozen_precision, bytes_per_frozen):
+    """bf16 training: the LDM's frozen autoencoder and text encoder take 4 bytes a parameter unless
+    `task.frozen_precision: training` casts them to bf16."""
+    from ldmscale.launch.info import describe
+
+    cfg = load_run_config(str(ROOT / "configs/debug/ldm.yaml"), ["distributed.precision=bf16",
+                                                                  f"task.frozen_precision={frozen_precision}"])
+    info = describe(cfg, num_gpus=2)
+    assert info["frozen"] > 0
+    assert info["memory_gib_per_gpu"]["zero2"]["frozen"] * 2**30 == pytest.approx(info["frozen"] * bytes_per_frozen)

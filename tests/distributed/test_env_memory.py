@@ -44,3 +44,6 @@ def test_zero_memory_arithmetic():
     assert z2.total == 2 * p + 14 * p / 8
     z3 = model_state_bytes(p, 100, p, zero_stage=3, precision="fp32", num_gpus=8)
     assert (z3.params, z3.grads, z3.optimizer, z3.frozen, z3.ema) == (4 * p / 8, 4 * p / 8, 8 * p / 8, 400, 4 * p)
+    # A frozen network (the LDM's autoencoder and text encoder) is whole on every rank, fp32 unless cast.
+    assert model_state_bytes(p, p, 0, zero_stage=3, precision="bf16", num_gpus=8).frozen == 2 * p
+    assert model_state_bytes(p, p, 0, zero_stage=3, precision="bf16", num_gpus=8, frozen_fp32=True).frozen == 4 * p
