@@ -1,5 +1,6 @@
 """`ldmscale convert` on a real (tiny) trained latent diffusion run: DeepSpeed checkpoint + EMA -> original
-single file with model_ema.* -> back into an ldmscale folder that samples; export -> diffusers -> back."""
+single file with model_ema.* -> back into an ldmscale folder that samples and that PDAE heads train on;
+export -> diffusers -> back."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def test_checkpoint_to_original_and_back_keeps_live_and_ema_weights(ldm_run, tmp
     pipeline = load_pipeline(tmp_path / "ema")  # refuses a different autoencoder or text tower
     images = pipeline.generate(["a red circle"], 1, steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 3, 32, 32) and meta["ema"] is True
+
+
+def test_pdae_heads_train_on_an_imported_original_checkpoint(ldm_run, convert_shards, tmp_path):
+    """An original single-file checkpoint, imported, is a pre-trained LDM the PDAE stage trains on; the
+    heads' export names it, and `pdae reconstruct` loads both (checking the frozen UNet's content hash)."""
+    original = tmp_path / "model.safetensors"
+    _convert("to-original", ldm_run, original, "--weights", "ema")
+    _convert("from-original", original, tmp_path / "imported")
+    imported = tmp_path / "imported" / "export" / "ldm.safetensors"
+    run(["train", str(ROOT / "configs" / "debug" / "pdae.yaml"), f"run.dir={tmp_path / 'pdae'}",
+         f"task.ldm={tmp_path / 'imported'}", f"data.shards={convert_shards}", "train.progress=false",
+         "train.image_every=0", "train.max_steps=2", "checkpoint.every_steps=2", "train.micro_batch_size=4"])
+    _, meta = load_export(tmp_path / "pdae" / "export" / "pdae.safetensors")
+    assert meta["stage"] == "pdae" and meta["ldm"] == str(imported)
+    assert main(["pdae", "reconstruct", str(tmp_path / "pdae"), "--input", str(convert_shards), "--num", "2",
+                 "--encode-steps", "2", "--decode-steps", "2", "--out", str(tmp_path / "recon.png")]) == 0
+    assert (tmp_path / "recon.png").is_file()
 
 
 def test_export_to_diffusers_and_back_and_ema_consolidation(ldm_run, tmp_path):
