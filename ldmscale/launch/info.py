@@ -27,7 +27,9 @@ def describe(cfg: RunConfig, num_gpus: int) -> dict[str, Any]:
         else:
             frozen += count
     ema = trainable if cfg.ema.enabled else 0
-    frozen_fp32 = getattr(cfg.task, "frozen_precision", "training") == "fp32"  # stages with frozen networks say
+    # The LDM and PDAE stages hold their frozen networks at `task.frozen_precision`; the others have no such key
+    # and hold them at the training precision.
+    frozen_fp32 = getattr(cfg.task, "frozen_precision", "training") == "fp32"
     memory = {}
     for stage in range(4):
         m = model_state_bytes(trainable, frozen, ema, zero_stage=stage, precision=cfg.distributed.precision,

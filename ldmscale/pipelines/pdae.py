@@ -17,9 +17,10 @@ heads from the PDAE export (its EMA weights). Latents are never clamped.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 
 from ldmscale.diffusion.objectives import Prediction
 from ldmscale.diffusion.pdae import shifted_ddim_invert, shifted_ddim_sample, x0_prediction_errors
@@ -160,26 +161,32 @@ class ZStats:
         return z * self.std + self.mean
 
 
+def _fit_linear(features: torch.Tensor, num_outputs: int, loss_of_logits: Callable[[torch.Tensor], torch.Tensor], *,
+                steps: int, lr: float, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-batch Adam on `loss_of_logits(features @ w.T + b) + weight_decay * ||w||^2` from zeros:
+    (weights (num_outputs, d), bias (num_outputs,)). Deterministic."""
+    w = torch.zeros(num_outputs, features.shape[1], requires_grad=True)
+    b = torch.zeros(num_outputs, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    x = features.float()
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = loss_of_logits(x @ w.T + b) + weight_decay * w.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach(), b.detach()
+
+
 def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, *, steps: int = 500, lr: float = 0.1,
                           weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Logistic regression (BCE with logits, full-batch Adam) per label column.
 
     features (N, d), labels (N, K) in {0, 1} -> (weights (K, d), bias (K,)). Deterministic.
     """
-    n, d = features.shape
-    k = labels.shape[1]
-    w = torch.zeros(k, d, requires_grad=True)
-    b = torch.zeros(k, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr)
-    x, y = features.float(), labels.float()
-    with torch.enable_grad():
-        for _ in range(steps):
-            logits = x @ w.T + b  # (N, K)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + weight_decay * w.pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return w.detach(), b.detach()
+    y = labels.float()
+    return _fit_linear(features, labels.shape[1], lambda logits: F.binary_cross_entropy_with_logits(logits, y),
+                       steps=steps, lr=lr, weight_decay=weight_decay)
 
 
 def probe_accuracy(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor
@@ -198,17 +205,8 @@ def fit_softmax_classifier(features: torch.Tensor, classes: torch.Tensor, num_cl
                            lr: float = 0.1, weight_decay: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression (cross-entropy, full-batch Adam): features (N, d), classes (N,) in
     [0, num_classes) -> (weights (num_classes, d), bias (num_classes,)). Deterministic."""
-    w = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr)
-    x = features.float()
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(x @ w.T + b, classes) + weight_decay * w.pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return w.detach(), b.detach()
+    return _fit_linear(features, num_classes, lambda logits: F.cross_entropy(logits, classes),
+                       steps=steps, lr=lr, weight_decay=weight_decay)
 
 
 def probe_categorical_accuracy(train_z: torch.Tensor, train_onehot: torch.Tensor, test_z: torch.Tensor,

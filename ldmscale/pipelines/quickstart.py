@@ -33,7 +33,8 @@ from tqdm import tqdm
 from ldmscale.checkpoint.export import read_export_metadata
 from ldmscale.config.schema import load_run_config
 from ldmscale.data.shards import DATA_SOURCES
-from ldmscale.data.synthetic import ATTRIBUTE_NAMES, COLORS, POSITIONS, SHAPES, caption_for, write_synthetic_shards
+from ldmscale.data.synthetic import (ATTRIBUTE_NAMES, COLORS, ONE_HOT_PROPERTIES, POSITIONS, SHAPES, caption_for,
+                                     write_synthetic_shards)
 from ldmscale.evaluation.shapes import ClassifierTraining, accuracy, chance, render_labelled, train_shapes_classifier
 from ldmscale.losses.metrics import psnr
 from ldmscale.observability.images import save_curve, save_image_grid, save_rows
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
 # The attribute groups the report breaks the linear probe down into (the check is on all of them).
-PROBE_GROUPS = {"shape": [f"is_{s}" for s in SHAPES], "color": [f"is_{c}" for c in COLORS],
+PROBE_GROUPS = {**ONE_HOT_PROPERTIES,
                 "position": ["is_left", "is_right", "is_top", "is_bottom", "is_center"],
                 "size": ["is_large"], "background": ["dark_background"]}
 X0_ERROR_TIMESTEPS = (300, 450, 600)  # mid-range t, where PDAE's weighting lambda_t puts its mass

@@ -1,7 +1,6 @@
 """PDAE as real processes: on top of the debug autoencoder and an unconditional debug LDM, 2-rank ZeRO-2
 training of the heads resumes exactly after kill -9 (frozen LDM outside the engine), ZeRO-3 trains as
-ZeRO-2 does; the export feeds
-`ldmscale pdae {reconstruct,interpolate,edit,probe}`."""
+ZeRO-2 does; the export feeds `ldmscale pdae {reconstruct,interpolate,edit,probe}`."""
 
 from __future__ import annotations
 
